@@ -1,0 +1,37 @@
+"""lora_jax: LoRA for JAX and Flax as a pure-function parameter transform.
+
+    >>> import lora_jax as lj
+    >>> config = lj.LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
+
+`split` makes ``(frozen, lora)``, `lora_apply` runs the model with the low-rank path
+computed factored, `merge`/`unmerge` fold adapters in and out, `summary` describes them.
+"""
+
+from lora_jax.apply import DROPOUT_RNG, lora_apply, routes
+from lora_jax.config import PRESETS, LoraConfig
+from lora_jax.infer import infer_layouts
+from lora_jax.layout import Layout
+from lora_jax.merge import merge, unmerge
+from lora_jax.split import select_targets, split
+from lora_jax.summary import Summary, summary
+from lora_jax.weights import LoraWeights, delta
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DROPOUT_RNG",
+    "Layout",
+    "LoraConfig",
+    "LoraWeights",
+    "PRESETS",
+    "Summary",
+    "delta",
+    "infer_layouts",
+    "lora_apply",
+    "merge",
+    "routes",
+    "select_targets",
+    "split",
+    "summary",
+    "unmerge",
+]
