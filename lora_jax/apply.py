@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _layers, _paths
+from lora_jax import _abstract, _layers, _paths
 from lora_jax.config import LoraConfig
 from lora_jax.weights import check_fits, delta, flatten_lora
 
@@ -207,11 +207,11 @@ def routes(
     """
     seen: dict[str, str] = {}
 
-    def trace(frozen_, lora_, args_):
-        out, found, _ = _run(apply_fn, config, frozen_, lora_, args_, kwargs, frozenset())
+    def trace(frozen_: Any, lora_: Any, args_: tuple, kwargs_: dict) -> Any:
+        out, found, _ = _run(apply_fn, config, frozen_, lora_, args_, kwargs_, frozenset())
         seen.update(found)
         return out
 
-    jax.eval_shape(trace, frozen, lora, args)
+    _abstract.eval_shape(trace, frozen, lora, args, kwargs)
     names = flatten_lora(lora)
     return {p: f"factored ({seen[p]})" if p in seen else "merged" for p in names}

@@ -6,9 +6,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
 
-from lora_jax import _layers, _paths
+from lora_jax import _abstract, _layers, _paths
 from lora_jax.layout import Layout
 
 __all__ = ["infer_layouts"]
@@ -55,7 +54,7 @@ def infer_layouts(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kw
         return next_fun(*args_, **kwargs_)
 
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda v, a, k: apply_fn(v, *a, **k), variables, args, kwargs)
+        _abstract.eval_shape(apply_fn, variables, *args, **kwargs)
     return _fit_to_variables(seen, variables)
 
 

@@ -37,7 +37,7 @@ def perturb(lora, key, scale=0.1):
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_lora(tiny):
     _, variables, _, layouts = tiny
     config = lj.LoraConfig(rank=3, alpha=6.0, targets=[".*/kernel", ".*/embedding", ".*/gate"])

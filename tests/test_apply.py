@@ -16,6 +16,7 @@ import lora_jax as lj
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(
     batch=st.integers(1, 4),
@@ -36,6 +37,9 @@ def test_dense_property(batch, d_in, d_out, rank_frac, dtype, init, seed):
     config = lj.LoraConfig(rank=rank, alpha=2.0 * rank, targets=".*/kernel", init=init)
     frozen, lora = lj.split(variables, config, key=jax.random.key(seed + 2))
     assert frozen is variables
+    merged_at_init = lj.merge(frozen, lora, config)  # split, then combine: the input
+    for got, want in zip(jax.tree.leaves(merged_at_init), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     apply = lj.lora_apply(model.apply, config)
     y0 = apply(frozen, lora, x)
     np.testing.assert_array_equal(np.asarray(y0), np.asarray(model.apply(variables, x)))
@@ -273,3 +277,80 @@ def mlp_wide_variables(x):
     from models import Mlp
 
     return Mlp(hidden=32).init(jax.random.key(0), x)
+
+
+@pytest.mark.slow
+@settings(max_examples=10, deadline=None)
+@given(
+    d_model=st.integers(2, 10),
+    heads=st.integers(1, 3),
+    head_dim=st.integers(1, 4),
+    rank=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_property(d_model, heads, head_dim, rank, seed):
+    """Multi-axis DenseGeneral kernels (q/k/v and out): base at init, merged and NumPy after."""
+    model = nn.MultiHeadDotProductAttention(
+        num_heads=heads, qkv_features=heads * head_dim, out_features=d_model
+    )
+    x = jax.random.normal(jax.random.key(seed), (2, 3, d_model))
+    variables = model.init(jax.random.key(seed + 1), x)
+    layouts = lj.infer_layouts(model.apply, variables, x)
+    rank = min(rank, d_model, heads * head_dim)
+    config = lj.LoraConfig(rank=rank, alpha=3.0, targets="attention")
+    frozen, lora = lj.split(variables, config, key=jax.random.key(seed + 2), layouts=layouts)
+    # Both jitted: XLA's fused code and op-by-op execution of the base itself differ in ulps.
+    apply = jax.jit(lj.lora_apply(model.apply, config))
+    np.testing.assert_array_equal(apply(frozen, lora, x), jax.jit(model.apply)(variables, x))
+    merged = lj.merge(frozen, lora, config)
+    for got, want in zip(jax.tree.leaves(merged), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    lora = perturb(lora, jax.random.key(seed + 3), 0.3)
+    merged = lj.merge(frozen, lora, config)
+    np.testing.assert_allclose(apply(frozen, lora, x), model.apply(merged, x), rtol=2e-5, atol=2e-5)
+    w = lora["params"]["query"]["kernel"]  # NumPy reference of one merged kernel
+    ref = as_f64(variables["params"]["query"]["kernel"]) + (3.0 / rank) * np.tensordot(
+        as_f64(w.a), as_f64(w.b), axes=1
+    )
+    np.testing.assert_allclose(as_f64(merged["params"]["query"]["kernel"]), ref, atol=1e-5)
+
+
+@pytest.mark.slow
+@settings(max_examples=10, deadline=None)
+@given(
+    d_in=st.integers(2, 12),
+    d_out=st.integers(2, 12),
+    stack=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_pissa_split_then_merge_returns_the_tree(d_in, d_out, stack, seed):
+    shape = (stack, d_in, d_out) if stack else (d_in, d_out)
+    w = jax.random.normal(jax.random.key(seed), shape)
+    layouts = {"w": lj.Layout("dense", (1,), (2,), (0,))} if stack else None
+    rank = 1 + seed % min(d_in, d_out)
+    config = lj.LoraConfig(rank=rank, targets="w", init="pissa")
+    frozen, lora = lj.split(
+        {"w": w, "b": jnp.ones(3)}, config, key=jax.random.key(0), layouts=layouts
+    )
+    back = lj.merge(frozen, lora, config)
+    np.testing.assert_allclose(back["w"], w, atol=2e-5)
+    np.testing.assert_array_equal(back["b"], jnp.ones(3))
+
+
+class _WithFlag(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return nn.Dropout(0.5, deterministic=not train)(nn.Dense(4)(x))
+
+
+def test_static_flags_and_shape_structs_in_abstract_traces():
+    model, x = _WithFlag(), jnp.ones((2, 3))
+    variables = model.init(jax.random.key(0), x, False)
+    spec = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+    layouts = lj.infer_layouts(model.apply, variables, spec, False)
+    assert layouts == {"params/Dense_0/kernel": lj.Layout("dense", (0,), (1,))}
+    config = lj.LoraConfig(rank=1, targets=".*/kernel")
+    frozen, lora = lj.split(variables, config, key=jax.random.key(0))
+    rngs = {"dropout": jax.random.key(1)}
+    routes = lj.routes(model.apply, config, frozen, lora, x, True, rngs=rngs)
+    assert routes == {"params/Dense_0/kernel": "factored (Dense)"}
