@@ -9,11 +9,14 @@ computed factored, `merge`/`unmerge` fold adapters in and out, `summary` describ
 
 from lora_jax.apply import DROPOUT_RNG, lora_apply, routes
 from lora_jax.config import PRESETS, LoraConfig
+from lora_jax.distributed import MeshShardings, mesh_shardings, replicate, shard_batch, unreplicate
 from lora_jax.infer import infer_layouts
 from lora_jax.layout import Layout
 from lora_jax.merge import merge, unmerge
+from lora_jax.optim import lora_mask, loraplus, masked
 from lora_jax.split import select_targets, split
 from lora_jax.summary import Summary, summary
+from lora_jax.training import STRATEGIES, TrainState, make_train_step
 from lora_jax.weights import LoraWeights, delta
 
 __version__ = "0.1.0"
@@ -23,15 +26,26 @@ __all__ = [
     "Layout",
     "LoraConfig",
     "LoraWeights",
+    "MeshShardings",
     "PRESETS",
+    "STRATEGIES",
     "Summary",
+    "TrainState",
     "delta",
     "infer_layouts",
     "lora_apply",
+    "lora_mask",
+    "loraplus",
+    "make_train_step",
+    "masked",
     "merge",
+    "mesh_shardings",
+    "replicate",
     "routes",
     "select_targets",
+    "shard_batch",
     "split",
     "summary",
     "unmerge",
+    "unreplicate",
 ]

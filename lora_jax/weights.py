@@ -34,8 +34,8 @@ class LoraWeights:
         2
     """
 
-    a: jax.Array
-    b: jax.Array
+    a: Any
+    b: Any
     layout: Layout = struct.field(pytree_node=False)
 
     @property
