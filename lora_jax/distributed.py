@@ -122,7 +122,8 @@ class MeshShardings(NamedTuple):
         >>> from jax.sharding import Mesh
         >>> mesh = Mesh(jax.devices()[:1], ("data",))
         >>> params = {"w": jnp.ones((4, 3))}
-        >>> frozen, lora = lj.split(params, lj.LoraConfig(rank=2, targets="w"), key=jax.random.key(0))
+        >>> config = lj.LoraConfig(rank=2, targets="w")
+        >>> frozen, lora = lj.split(params, config, key=jax.random.key(0))
         >>> lj.mesh_shardings(mesh, frozen, lora).lora["w"].b.spec
         P(None, None)
     """

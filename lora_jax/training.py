@@ -39,6 +39,14 @@ class TrainState:
         opt_state: the optimizer state, for the adapters only.
         rng: PRNG key; step ``t`` uses ``fold_in(rng, t)`` (plus the device index under pmap).
         skipped: number of updates skipped for non-finite gradients.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
+        >>> config = lj.LoraConfig(rank=2, targets="w")
+        >>> _, lora = lj.split({"w": jnp.ones((4, 3))}, config, key=jax.random.key(0))
+        >>> state = lj.TrainState.create(lora, optax.adam(1e-3), key=jax.random.key(1))
+        >>> state.lora["w"].a.shape, int(state.skipped)
+        ((4, 2), 0)
     """
 
     step: jax.Array
