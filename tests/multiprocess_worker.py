@@ -9,15 +9,14 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import jax
-
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
 
 def main() -> None:
+    # Only when run as a script: pytest imports this module too (doctest collection).
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     pid, port, out, steps = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
     jax.distributed.initialize(
         f"127.0.0.1:{port}", num_processes=2, process_id=pid, initialization_timeout=60

@@ -259,3 +259,17 @@ def test_two_processes_train_like_one(tmp_path, reference):
         for key, want in flat_ref.items():
             np.testing.assert_array_equal(got[0][key], got[1][key])  # both processes agree
             assert np.abs(got[0][key] - want).max() <= 1e-5 * np.abs(want).max(), (name, key)
+
+
+def test_old_state_is_donated_and_create_copies_lora():
+    frozen, state = start()
+    step = lj.make_train_step(loss_fn, optimizer())
+    lora_before = state.lora
+    user_lora = lj.split(frozen, CONFIG, key=jax.random.key(2))[1]
+    fresh = lj.TrainState.create(user_lora, optimizer(), key=jax.random.key(0))
+    new, _ = step(state, frozen, batches(1)[0])
+    assert all(x.is_deleted() for x in jax.tree.leaves(lora_before))  # buffers reused
+    assert not any(x.is_deleted() for x in jax.tree.leaves(frozen))  # the base never is
+    step(fresh, frozen, batches(1)[0])
+    assert not any(x.is_deleted() for x in jax.tree.leaves(user_lora))  # create() copied
+    assert int(new.step) == 1
