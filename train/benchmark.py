@@ -206,6 +206,29 @@ def lora_runner(
     return Runner(name, run, n, _bytes(box["state"].opt_state))
 
 
+def floor_runner(model: GPT, variables: dict, ids: jax.Array) -> Runner:
+    """The floor of any LoRA step here: forward plus input gradients down to the embedding
+    output (a scalar gate on it is the only thing differentiated), no weight gradient, no
+    optimizer. No adapter method can beat it on this model."""
+
+    def loss(gate: jax.Array) -> jax.Array:
+        def gate_embedding(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            lookup = isinstance(context.module, nn.Embed) and context.method_name == "__call__"
+            return out * gate if lookup else out
+
+        with nn.intercept_methods(gate_embedding):
+            return lm_loss(model.apply(variables, ids), ids)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    gate = jnp.ones(())
+
+    def run() -> None:
+        step(gate)[0].block_until_ready()
+
+    return Runner("floor: forward + input grads only", run, 0, 0)
+
+
 def nnx_runner(name: str, cfg: GPTConfig, ids: jax.Array, targets: set[str]) -> Runner:
     model = NnxGPT(cfg, targets, nnx.Rngs(0))
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
@@ -295,6 +318,7 @@ def main(argv: list[str] | None = None) -> str:
         lora_runner("lora all-linear, merged path", model, variables, ids, ALL_LINEAR, merged=True),
         nnx_runner("nnx.LoRALinear q/v (peer)", cfg, ids, {"query", "value"}),
         nnx_runner("nnx.LoRALinear all-linear (peer)", cfg, ids, set(NNX_ALL_LINEAR)),
+        floor_runner(model, variables, ids),
     ]
     print(f"benchmark: preset {args.preset}, {args.rounds} rounds", flush=True)
     measure(runners, args.rounds)
