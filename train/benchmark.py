@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import platform
 import statistics
 import time
@@ -166,9 +167,10 @@ class Runner:
 
 def full_runner(model: GPT, variables: dict, ids: jax.Array) -> Runner:
     tx = optax.adamw(1e-4)
-    state = {"params": variables, "opt": tx.init(variables)}
+    params = jax.tree.map(jnp.array, variables)  # own buffers: they are donated
+    state = {"params": params, "opt": tx.init(params)}
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # as the LoRA step donates its state
     def step(params, opt_state, ids):
         loss, grads = jax.value_and_grad(lambda p: lm_loss(model.apply(p, ids), ids))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
