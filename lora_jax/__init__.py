@@ -4,10 +4,14 @@
     >>> config = lj.LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
 
 `split` makes ``(frozen, lora)``, `lora_apply` runs the model with the low-rank path
-computed factored, `merge`/`unmerge` fold adapters in and out, `summary` describes them.
+computed factored, `merge`/`unmerge` fold adapters in and out, `summary` describes them,
+`make_train_step` trains them (jit, pmap or mesh), `save_adapter`/`CheckpointManager`
+write them with orbax.
 """
 
+from lora_jax.adapter_io import METADATA_FILE, load_adapter, save_adapter
 from lora_jax.apply import DROPOUT_RNG, lora_apply, routes
+from lora_jax.checkpoint import CheckpointManager
 from lora_jax.config import PRESETS, LoraConfig
 from lora_jax.distributed import MeshShardings, mesh_shardings, replicate, shard_batch, unreplicate
 from lora_jax.infer import infer_layouts
@@ -22,10 +26,12 @@ from lora_jax.weights import LoraWeights, delta
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointManager",
     "DROPOUT_RNG",
     "Layout",
     "LoraConfig",
     "LoraWeights",
+    "METADATA_FILE",
     "MeshShardings",
     "PRESETS",
     "STRATEGIES",
@@ -33,6 +39,7 @@ __all__ = [
     "TrainState",
     "delta",
     "infer_layouts",
+    "load_adapter",
     "lora_apply",
     "lora_mask",
     "loraplus",
@@ -42,6 +49,7 @@ __all__ = [
     "mesh_shardings",
     "replicate",
     "routes",
+    "save_adapter",
     "select_targets",
     "shard_batch",
     "split",

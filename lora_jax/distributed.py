@@ -94,18 +94,23 @@ def shard_batch(batch: Any, num_devices: int | None = None) -> Any:
         True
     """
     n = num_devices or jax.local_device_count()
-    for path, x in _paths.flatten(batch).items():
-        size = np.shape(x)[0] if np.ndim(x) else None
-        if size is None or size % n:
-            raise ValueError(
-                f"batch leaf {path!r} has leading size {size}, which does not divide across "
-                f"{n} devices; use a batch size that is a multiple of {n}."
-            )
+    check_divisible(batch, n, f"{n} devices; use a batch size that is a multiple of {n}")
     devices = jax.local_devices()[:n]
     sharding = NamedSharding(_device_mesh(devices), PartitionSpec("devices"))
     return jax.tree.map(
         lambda x: jax.device_put(jnp.reshape(x, (n, -1, *np.shape(x)[1:])), sharding), batch
     )
+
+
+def check_divisible(batch: Any, n: int, why: str) -> None:
+    """A ValueError naming the leaf when a batch's leading size is not a multiple of `n`."""
+    for path, x in _paths.flatten(batch).items():
+        size = np.shape(x)[0] if np.ndim(x) else None
+        if size is None or size % n:
+            raise ValueError(
+                f"batch leaf {path or '<root>'!r} has leading size {size}, which is not "
+                f"divisible by {n} ({why})."
+            )
 
 
 class MeshShardings(NamedTuple):

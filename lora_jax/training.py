@@ -170,16 +170,6 @@ def _check_leading(tree: Any, name: str, n: int, hint: str) -> None:
             )
 
 
-def _check_divisible(batch: Any, n: int, why: str) -> None:
-    for path, x in _paths.flatten(batch).items():
-        size = np.shape(x)[0] if np.ndim(x) else None
-        if size is None or size % n:
-            raise ValueError(
-                f"batch leaf {path or '<root>'!r} has leading size {size}, which is not "
-                f"divisible by {n} ({why})."
-            )
-
-
 def make_train_step(
     loss_fn: Callable[..., Any],
     optimizer: optax.GradientTransformation,
@@ -280,7 +270,7 @@ def _jit_step(update, donated, accum_steps):
     def step(state, frozen, batch):
         _check_state(state, frozen, replicated=False)
         if accum_steps > 1:
-            _check_divisible(batch, accum_steps, f"accum_steps={accum_steps}")
+            distributed.check_divisible(batch, accum_steps, f"accum_steps={accum_steps}")
         return compiled(state, frozen, batch)
 
     return step
@@ -296,7 +286,9 @@ def _pmap_step(update, donated, accum_steps):
         _check_leading(batch, "batch", n, "Pass lj.shard_batch(batch).")
         _check_state(state, frozen, replicated=True)
         if accum_steps > 1:
-            _check_divisible(_strip(batch, True), accum_steps, f"accum_steps={accum_steps}")
+            distributed.check_divisible(
+                _strip(batch, True), accum_steps, f"accum_steps={accum_steps}"
+            )
         return compiled(state, frozen, batch)
 
     return step
@@ -325,7 +317,7 @@ def _mesh_step(update, donated, accum_steps, optimizer, mesh, data_axis, fsdp_ax
         _check_state(state, frozen, replicated=False)
         ways = distributed.batch_ways(mesh, data_axis, fsdp_axis)
         local = ways // jax.process_count() if ways % jax.process_count() == 0 else ways
-        _check_divisible(
+        distributed.check_divisible(
             batch,
             max(local, 1) * accum_steps,
             f"{ways} batch shards over the mesh x accum_steps={accum_steps}, per process",

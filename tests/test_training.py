@@ -185,7 +185,8 @@ def test_bad_inputs_fail_before_compiling():
         lj.make_train_step(loss_fn, tx, accum_steps=0)
     odd = {k: v[:6] for k, v in b.items()}
     with pytest.raises(
-        ValueError, match=r"batch leaf 'x' has leading size 6, which does not divide across 4"
+        ValueError,
+        match=r"batch leaf 'x' has leading size 6, which is not divisible by 4 \(4 devices",
     ):
         lj.shard_batch(odd, 4)
     step = lj.make_train_step(

@@ -1,0 +1,280 @@
+"""Adapter checkpoints: exact round trips and resumes, crash safety, size, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from problem import APPLY, CONFIG, batches, loss_fn, optimizer, start
+
+import lora_jax as lj
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _leaves_equal(x, y):
+    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _trained(steps=3):
+    frozen, state = start()
+    step = lj.make_train_step(loss_fn, optimizer())
+    for b in batches(steps):
+        state, _ = step(state, frozen, b)
+    return frozen, state
+
+
+def test_adapter_round_trip_is_bit_identical(tmp_path):
+    frozen, state = _trained()
+    lj.save_adapter(tmp_path / "a", state.lora, CONFIG)
+    lora, config = lj.load_adapter(tmp_path / "a", frozen)
+    assert config == CONFIG
+    assert jax.tree.structure(lora) == jax.tree.structure(state.lora)  # layouts included
+    _leaves_equal(lora, state.lora)
+    x = batches(1)[0]["x"]
+    np.testing.assert_array_equal(APPLY(frozen, lora, x), APPLY(frozen, state.lora, x))
+    files = {p.name for p in (tmp_path / "a").iterdir()}
+    assert files == {"arrays", lj.METADATA_FILE}
+    meta = json.loads((tmp_path / "a" / lj.METADATA_FILE).read_text())
+    assert meta["format_version"] == 1 and meta["config"]["rank"] == 4
+    assert meta["adapters"]["params/fc1/kernel"]["kernel_shape"] == [32, 128]
+
+
+def test_callable_targets_are_stored_as_paths(tmp_path):
+    config = lj.LoraConfig(rank=2, targets=lambda p, x: p.endswith("fc2/kernel"))
+    frozen, lora = lj.split(start()[0], config, key=jax.random.key(0))
+    lj.save_adapter(tmp_path / "a", lora, config)
+    _, loaded = lj.load_adapter(tmp_path / "a")
+    assert list(lj.select_targets(frozen, loaded)) == ["params/fc2/kernel"]
+
+
+def test_save_refuses_to_clobber_and_overwrites_atomically(tmp_path):
+    _, state = _trained(1)
+    lj.save_adapter(tmp_path / "a", state.lora, CONFIG)
+    with pytest.raises(ValueError, match="exists; pass overwrite=True"):
+        lj.save_adapter(tmp_path / "a", state.lora, CONFIG)
+    zeros = jax.tree.map(jnp.zeros_like, state.lora)
+    lj.save_adapter(tmp_path / "a", zeros, CONFIG, overwrite=True)
+    _leaves_equal(lj.load_adapter(tmp_path / "a")[0], zeros)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_adapter_size_is_close_to_raw_bytes(tmp_path):
+    config = lj.LoraConfig(rank=64, targets="w")
+    _, lora = lj.split({"w": jnp.ones((2048, 2048))}, config, key=jax.random.key(0))
+    lora = jax.tree.map(lambda x: x + 1.0, lora)  # no all-zero shortcut in the files
+    lj.save_adapter(tmp_path / "a", lora, config)
+    raw = sum(x.nbytes for x in jax.tree.leaves(lora))
+    disk = sum(p.stat().st_size for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert disk <= 1.2 * raw + 64 * 1024, (disk, raw)
+
+
+def test_manager_round_trip_and_data_position(tmp_path):
+    frozen, state = _trained()
+    with lj.CheckpointManager(tmp_path, CONFIG) as mgr:
+        assert mgr.save(3, state, data_position={"epoch": 1, "offset": 48})
+        mgr.wait_until_finished()
+        restored, position = mgr.restore(state, frozen=frozen)
+    assert position == {"epoch": 1, "offset": 48}
+    _leaves_equal(restored.lora, state.lora)
+    _leaves_equal(restored.opt_state, state.opt_state)
+    assert int(restored.step) == int(state.step)
+    np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(state.rng))
+    assert not any((tmp_path / "3" / "state").rglob("*frozen*"))
+
+
+def test_retention_keeps_latest_and_best(tmp_path):
+    _, state = _trained(1)
+    losses = {1: 0.5, 2: 0.1, 3: 0.9, 4: 0.8, 5: 0.7}
+    with lj.CheckpointManager(tmp_path, CONFIG, max_to_keep=2, best_metric="loss") as mgr:
+        for step, loss in losses.items():
+            mgr.save(step, state, metrics={"loss": loss})
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [2, 4, 5]
+
+
+def test_async_save_returns_before_the_write_ends(tmp_path):
+    config = lj.LoraConfig(rank=512, targets="w")
+    _, lora = lj.split({"w": jnp.zeros((8192, 8192))}, config, key=jax.random.key(0))
+    state = lj.TrainState.create(lora, optax.adam(1e-3), key=jax.random.key(1))
+    with lj.CheckpointManager(tmp_path, config) as mgr:
+        start_time = time.perf_counter()
+        mgr.save(1, state)
+        returned = time.perf_counter() - start_time
+        in_flight = mgr.is_saving()
+        mgr.wait_until_finished()
+        total = time.perf_counter() - start_time
+        assert in_flight and not mgr.is_saving(), (returned, total)
+        assert mgr.all_steps() == [1]
+
+
+@pytest.mark.slow
+def test_exact_resume_in_a_fresh_process(tmp_path):
+    frozen, state = start()
+    step = lj.make_train_step(loss_fn, optimizer())
+    for b in batches(20):
+        state, _ = step(state, frozen, b)
+    worker = str(HERE / "resume_worker.py")
+    for mode in ("first", "second"):
+        run = subprocess.run(
+            [sys.executable, worker, mode, str(tmp_path / "ckpt"), str(tmp_path / f"{mode}.npz")],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    resumed = np.load(tmp_path / "second.npz")
+    for k, v in jax.tree_util.tree_flatten_with_path(state.lora)[0]:
+        np.testing.assert_array_equal(resumed[jax.tree_util.keystr(k)], np.asarray(v))
+
+
+def _partial_steps(directory: pathlib.Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if "tmp" in p.name] if directory.exists() else []
+
+
+def _kill_mid_write(
+    ckpt: pathlib.Path, ready: pathlib.Path, wait: float, into_write: float
+) -> bool:
+    """Starts a writer, SIGKILLs it `into_write` s after a save starts; True if it was cut."""
+    child = subprocess.Popen(
+        [sys.executable, str(HERE / "crash_worker.py"), str(ckpt), str(ready)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 180
+        while not ready.exists():
+            assert child.poll() is None and time.time() < deadline, "worker died or hung"
+            time.sleep(0.01)
+        time.sleep(wait)
+        while not _partial_steps(ckpt):  # a save is being written right now
+            assert child.poll() is None and time.time() < deadline, "worker died or hung"
+            time.sleep(0.001)
+        time.sleep(into_write)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    return bool(_partial_steps(ckpt))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("wait", "into_write"), [(0.0, 0.0), (0.3, 0.01), (0.6, 0.02)])
+def test_kill_during_save_leaves_earlier_steps_intact(tmp_path, wait, into_write):
+    """SIGKILL lands inside a write: a partial step folder exists when the writer dies.
+
+    A write takes tens of milliseconds, so a kill can miss it; the writer is restarted on a
+    fresh folder until one kill has cut a write (a few tries at most in practice).
+    """
+    for attempt in range(6):
+        ckpt, ready = tmp_path / f"ckpt{attempt}", tmp_path / f"ready{attempt}"
+        if _kill_mid_write(ckpt, ready, wait, into_write):
+            break
+    else:
+        pytest.fail("six kills in a row missed every write")
+    config = lj.LoraConfig(rank=256, targets="w")
+    _, lora = lj.split({"w": jnp.zeros((4096, 4096))}, config, key=jax.random.key(0))
+    target = lj.TrainState.create(lora, optax.adam(1e-3), key=jax.random.key(1))
+    with lj.CheckpointManager(ckpt, config, max_to_keep=100) as mgr:
+        steps = mgr.all_steps()
+        assert steps and steps == list(range(1, len(steps) + 1))
+        for s in steps:  # every complete step, not only the latest, restores
+            state, position = mgr.restore(target, s)
+            assert int(state.step) == s and position == {"step": s}
+    assert not _partial_steps(ckpt)  # the partial write is cleaned up on open
+
+
+def test_restore_onto_other_layouts(tmp_path):
+    frozen, state = start()
+    mesh4 = Mesh(np.array(jax.devices()[:4]), ("data",))
+    step = lj.make_train_step(loss_fn, optimizer(), strategy="mesh", mesh=mesh4)
+    for b in batches(2):
+        state, _ = step(state, frozen, b)
+    with lj.CheckpointManager(tmp_path, CONFIG) as mgr:
+        mgr.save(2, state)
+        mgr.wait_until_finished()
+        fresh = start()[1]
+        one, _ = mgr.restore(fresh)
+        assert one.lora["params"]["fc1"]["kernel"].a.sharding.num_devices == 1
+        mesh2 = Mesh(np.array(jax.devices()[:2]), ("data",))
+        rep2 = NamedSharding(mesh2, PartitionSpec())
+        two, _ = mgr.restore(jax.tree.map(lambda x: jax.device_put(x, rep2), fresh))
+        assert two.lora["params"]["fc1"]["kernel"].a.sharding.num_devices == 2
+        fsdp = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+        sh = lj.mesh_shardings(fsdp, frozen, fresh.lora, fsdp_axis="fsdp")
+        sharded = fresh.replace(lora=jax.tree.map(jax.device_put, fresh.lora, sh.lora))
+        three, _ = mgr.restore(sharded)
+        assert three.lora["params"]["fc1"]["kernel"].b.sharding.spec == PartitionSpec(None, "fsdp")
+    for restored in (one, two, three):
+        _leaves_equal(restored.lora, state.lora)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def test_load_errors(tmp_path):
+    _, state = _trained(1)
+    lj.save_adapter(tmp_path / "a", state.lora, CONFIG)
+    other = {"params": {"fc1": {"kernel": jnp.ones((32, 64))}, "fc3": {"kernel": jnp.ones((4, 4))}}}
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)different base.*params/fc1/kernel: expected shape \(32, 128\), "
+        r"found \(32, 64\).*params/fc2/kernel: missing",
+    ):
+        lj.load_adapter(tmp_path / "a", other)
+    with pytest.raises(
+        ValueError,
+        match=r"params/fc1/kernel: the checkpoint has rank 4 but the given config says rank 8",
+    ):
+        lj.load_adapter(tmp_path / "a", config=lj.LoraConfig(rank=8, targets=".*/kernel"))
+    with pytest.raises(ValueError, match=r"no lora_jax adapter at .*nowhere"):
+        lj.load_adapter(tmp_path / "nowhere")
+    meta = tmp_path / "a" / lj.METADATA_FILE
+    record = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**record, "format_version": 99}))
+    with pytest.raises(ValueError, match=r"format_version 99; .* reads format_version 1"):
+        lj.load_adapter(tmp_path / "a")
+    meta.write_text(json.dumps(record))
+    for f in (tmp_path / "a" / "arrays").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncate the data files
+    with pytest.raises(ValueError, match="cannot read the adapter arrays"):
+        lj.load_adapter(tmp_path / "a")
+
+
+def test_manager_errors(tmp_path):
+    _, state = _trained(1)
+    with lj.CheckpointManager(tmp_path, CONFIG) as mgr:
+        with pytest.raises(ValueError, match="no checkpoint steps in"):
+            mgr.restore(state)
+        mgr.save(1, state)
+        mgr.wait_until_finished()
+        with pytest.raises(ValueError, match=r"no checkpoint for step 7 .* steps there: \[1\]"):
+            mgr.restore(state, 7)
+        bad = {
+            "params": {"fc1": {"kernel": jnp.ones((3, 3))}, "fc2": {"kernel": jnp.ones((128, 32))}}
+        }
+        with pytest.raises(
+            ValueError, match=r"params/fc1/kernel: expected shape \(32, 128\), found \(3, 3\)"
+        ):
+            mgr.restore(state, frozen=bad)
+    rank2 = lj.LoraConfig(rank=2, targets=".*/kernel")
+    with (
+        lj.CheckpointManager(tmp_path, rank2) as mgr,
+        pytest.raises(
+            ValueError, match="the checkpoint has rank 4 but the given config says rank 2"
+        ),
+    ):
+        mgr.restore(state)
+    with pytest.raises(ValueError, match="`best_mode` must be 'min' or 'max'"):
+        lj.CheckpointManager(tmp_path / "x", CONFIG, best_mode="lowest")
