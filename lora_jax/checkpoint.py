@@ -15,6 +15,7 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -136,6 +137,8 @@ class CheckpointManager:
         Args:
             step: the step number to save under.
             state: the training state (the base is not part of it and is never written).
+                A pmap-replicated state (``lj.replicate``) is saved as one copy, so it
+                restores anywhere.
             data_position: a JSON-able record of where the data pipeline is, handed back
                 by `restore`.
             metrics: scalar metrics for `best_metric` retention.
@@ -144,6 +147,8 @@ class CheckpointManager:
         Returns:
             Whether a save was started.
         """
+        if jnp.ndim(state.step) == 1:  # replicated for pmap: every copy is the same
+            state = jax.tree.map(lambda x: x[0], state)
         record = metadata.describe(state.lora, self.config)
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         args = ocp.args.Composite(

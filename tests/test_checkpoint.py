@@ -219,6 +219,19 @@ def test_restore_onto_other_layouts(tmp_path):
         _leaves_equal(restored.lora, state.lora)
 
 
+def test_pmap_replicated_state_saves_one_copy(tmp_path):
+    frozen, state = start()
+    step = lj.make_train_step(loss_fn, optimizer(), strategy="pmap")
+    state, rep = lj.replicate(state), lj.replicate(frozen)
+    for b in batches(2):
+        state, _ = step(state, rep, lj.shard_batch(b))
+    with lj.CheckpointManager(tmp_path, CONFIG) as mgr:
+        mgr.save(2, state)
+        restored, _ = mgr.restore(start()[1])  # onto one device
+    _leaves_equal(restored.lora, lj.unreplicate(state).lora)
+    assert int(restored.step) == 2
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 
