@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import as_f64, perturb
 from hypothesis import given, settings
 
 import lora_jax as lj
-from conftest import as_f64, perturb
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import as_f64, perturb
+from helpers import as_f64, perturb
 
 import lora_jax as lj
 
