@@ -160,6 +160,7 @@ class Runner:
     name: str
     run: Callable[[], None]
     trainable: int
+    trainable_bytes: int
     opt_bytes: int
     times: list[float] = dataclasses.field(default_factory=list)
     compile_s: float = 0.0
@@ -181,7 +182,7 @@ def full_runner(model: GPT, variables: dict, ids: jax.Array) -> Runner:
         loss.block_until_ready()
 
     n = sum(x.size for x in jax.tree.leaves(variables))
-    return Runner("full fine-tune", run, n, _bytes(state["opt"]))
+    return Runner("full fine-tune", run, n, _bytes(variables), _bytes(state["opt"]))
 
 
 def lora_runner(
@@ -205,7 +206,7 @@ def lora_runner(
         metrics["loss"].block_until_ready()
 
     n = sum(x.size for x in jax.tree.leaves(lora))
-    return Runner(name, run, n, _bytes(box["state"].opt_state))
+    return Runner(name, run, n, _bytes(lora), _bytes(box["state"].opt_state))
 
 
 def floor_runner(model: GPT, variables: dict, ids: jax.Array) -> Runner:
@@ -228,7 +229,7 @@ def floor_runner(model: GPT, variables: dict, ids: jax.Array) -> Runner:
     def run() -> None:
         step(gate)[0].block_until_ready()
 
-    return Runner("floor: forward + input grads only", run, 0, 0)
+    return Runner("floor: forward + input grads only", run, 0, 0, 0)
 
 
 def nnx_runner(name: str, cfg: GPTConfig, ids: jax.Array, targets: set[str]) -> Runner:
@@ -251,7 +252,7 @@ def nnx_runner(name: str, cfg: GPTConfig, ids: jax.Array, targets: set[str]) -> 
         loss.block_until_ready()
 
     n = sum(x.size for x in jax.tree.leaves(lora))
-    return Runner(name, run, n, _bytes(box["opt"]))
+    return Runner(name, run, n, _bytes(lora), _bytes(box["opt"]))
 
 
 def measure(runners: list[Runner], rounds: int) -> None:
@@ -285,8 +286,8 @@ def table(runners: list[Runner], cfg: GPTConfig) -> str:
         f"{jax.device_count()} device(s), jax {jax.__version__}.",
         "",
         "| variant | median step (s) | ratio to full | ratio range | target | compile (s) "
-        "| trainable params | optimizer state |",
-        "|---|---|---|---|---|---|---|---|",
+        "| trainable params | trainable bytes | optimizer state |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runners:
         med = statistics.median(r.times)
@@ -297,7 +298,7 @@ def table(runners: list[Runner], cfg: GPTConfig) -> str:
         lines.append(
             f"| {r.name} | {med:.3f} | {ratio:.2f} | {min(ratios):.2f}-{max(ratios):.2f} "
             f"| {verdict} | {max(r.compile_s - med, 0):.1f} | {r.trainable:,} "
-            f"| {r.opt_bytes / 2**20:.2f} MiB |"
+            f"| {r.trainable_bytes / 2**20:.2f} MiB | {r.opt_bytes / 2**20:.2f} MiB |"
         )
     return "\n".join(lines)
 
