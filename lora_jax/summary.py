@@ -86,14 +86,15 @@ def summary(frozen: Any, lora: Any, routes: Mapping[str, str] | None = None) -> 
         >>> s.trainable, s.total, round(s.fraction, 2)
         (32, 64, 0.5)
     """
-    base = [leaf for leaf in _paths.flatten(frozen).values() if hasattr(leaf, "shape")]
     flat = _paths.flatten(frozen)
+    base = [leaf for leaf in flat.values() if hasattr(leaf, "shape")]
+    weights = flatten_lora(lora)
     rows = []
-    for path, w in flatten_lora(lora).items():
+    for path, w in weights.items():
         kernel = tuple(getattr(flat.get(path), "shape", ()))
         route = (routes or {}).get(path, "-")
         rows.append((path, kernel, tuple(w.a.shape), tuple(w.b.shape), w.rank, route))
-    adapters = [x for w in flatten_lora(lora).values() for x in (w.a, w.b)]
+    adapters = [x for w in weights.values() for x in (w.a, w.b)]
     return Summary(
         rows=tuple(rows),
         trainable=sum(math.prod(x.shape) for x in adapters),
