@@ -111,6 +111,7 @@ def _loss_and_grads(loss_fn, frozen, lora, batch, key, accum_steps):
     if accum_steps == 1:
         (loss, aux), grads = grad_fn(lora, batch, key)
         return loss, aux, grads
+    distributed.check_divisible(batch, accum_steps, f"accum_steps={accum_steps}")
     micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
 
     def body(acc, inputs):
@@ -125,6 +126,8 @@ def _loss_and_grads(loss_fn, frozen, lora, batch, key, accum_steps):
 
 
 def _update(state, frozen, batch, *, loss_fn, optimizer, accum_steps, skip_nonfinite, axis_name):
+    # Shape checks run while tracing: once per compile, before it, never on the hot path.
+    check_fits(_paths.flatten(frozen), flatten_lora(state.lora))
     key = jax.random.fold_in(state.rng, state.step)
     if axis_name:
         key = jax.random.fold_in(key, lax.axis_index(axis_name))
@@ -146,18 +149,9 @@ def _update(state, frozen, batch, *, loss_fn, optimizer, accum_steps, skip_nonfi
     return new, metrics
 
 
-def _strip(tree: Any, axis: bool) -> Any:
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:] if axis else np.shape(x), x.dtype), tree
-    )
-
-
-def _check_state(state: Any, frozen: Any, replicated: bool) -> None:
+def _check_type(state: Any) -> None:
     if not isinstance(state, TrainState):
         raise TypeError(f"`state` must be a lj.TrainState; found {type(state).__name__}.")
-    check_fits(
-        _paths.flatten(_strip(frozen, replicated)), flatten_lora(_strip(state.lora, replicated))
-    )
 
 
 def _check_leading(tree: Any, name: str, n: int, hint: str) -> None:
@@ -255,28 +249,26 @@ def make_train_step(
     )
     donated = (0,) if donate else ()
     if strategy == "jit":
-        return _jit_step(update, donated, accum_steps)
+        return _jit_step(update, donated)
     if strategy == "pmap":
-        return _pmap_step(update, donated, accum_steps)
+        return _pmap_step(update, donated)
     if mesh is None:
         raise ValueError('strategy="mesh" needs `mesh=` (a jax.sharding.Mesh).')
     distributed.check_axes(mesh, data_axis, fsdp_axis)
     return _mesh_step(update, donated, accum_steps, optimizer, mesh, data_axis, fsdp_axis)
 
 
-def _jit_step(update, donated, accum_steps):
+def _jit_step(update, donated):
     compiled = jax.jit(update, donate_argnums=donated)
 
     def step(state, frozen, batch):
-        _check_state(state, frozen, replicated=False)
-        if accum_steps > 1:
-            distributed.check_divisible(batch, accum_steps, f"accum_steps={accum_steps}")
+        _check_type(state)
         return compiled(state, frozen, batch)
 
     return step
 
 
-def _pmap_step(update, donated, accum_steps):
+def _pmap_step(update, donated):
     compiled = jax.pmap(update, axis_name=_PMAP_AXIS, donate_argnums=donated)
 
     def step(state, frozen, batch):
@@ -284,11 +276,7 @@ def _pmap_step(update, donated, accum_steps):
         _check_leading(state, "state", n, "Pass lj.replicate(state).")
         _check_leading(frozen, "frozen", n, "Pass lj.replicate(frozen).")
         _check_leading(batch, "batch", n, "Pass lj.shard_batch(batch).")
-        _check_state(state, frozen, replicated=True)
-        if accum_steps > 1:
-            distributed.check_divisible(
-                _strip(batch, True), accum_steps, f"accum_steps={accum_steps}"
-            )
+        _check_type(state)
         return compiled(state, frozen, batch)
 
     return step
@@ -298,6 +286,7 @@ def _mesh_step(update, donated, accum_steps, optimizer, mesh, data_axis, fsdp_ax
     cache: dict[Any, tuple[Any, Any, Any, Callable]] = {}
 
     def build(state, frozen, batch):
+        check_fits(_paths.flatten(frozen), flatten_lora(state.lora))  # before any sharding
         sh = distributed.mesh_shardings(
             mesh, frozen, state.lora, data_axis=data_axis, fsdp_axis=fsdp_axis
         )
@@ -313,15 +302,13 @@ def _mesh_step(update, donated, accum_steps, optimizer, mesh, data_axis, fsdp_ax
         )
         return state_sh, sh.frozen, batch_sh, fn
 
+    ways = distributed.batch_ways(mesh, data_axis, fsdp_axis)
+    local = ways // jax.process_count() if ways % jax.process_count() == 0 else ways
+    why = f"{ways} batch shards over the mesh x accum_steps={accum_steps}, per process"
+
     def step(state, frozen, batch):
-        _check_state(state, frozen, replicated=False)
-        ways = distributed.batch_ways(mesh, data_axis, fsdp_axis)
-        local = ways // jax.process_count() if ways % jax.process_count() == 0 else ways
-        distributed.check_divisible(
-            batch,
-            max(local, 1) * accum_steps,
-            f"{ways} batch shards over the mesh x accum_steps={accum_steps}, per process",
-        )
+        _check_type(state)
+        distributed.check_divisible(batch, max(local, 1) * accum_steps, why)
         key = (
             jax.tree.structure((state, frozen, batch)),
             tuple(np.shape(x) for x in jax.tree.leaves((state, frozen, batch))),
