@@ -13,7 +13,14 @@ from lora_jax.adapter_io import METADATA_FILE, load_adapter, save_adapter
 from lora_jax.apply import DROPOUT_RNG, lora_apply, routes
 from lora_jax.checkpoint import CheckpointManager
 from lora_jax.config import PRESETS, LoraConfig
-from lora_jax.distributed import MeshShardings, mesh_shardings, replicate, shard_batch, unreplicate
+from lora_jax.distributed import (
+    MeshShardings,
+    mesh_shardings,
+    place,
+    replicate,
+    shard_batch,
+    unreplicate,
+)
 from lora_jax.infer import infer_layouts
 from lora_jax.layout import Layout
 from lora_jax.merge import merge, unmerge
@@ -47,6 +54,7 @@ __all__ = [
     "masked",
     "merge",
     "mesh_shardings",
+    "place",
     "replicate",
     "routes",
     "save_adapter",

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lora_jax import _paths
 from lora_jax.weights import LoraWeights, flatten_lora
 
-__all__ = ["replicate", "unreplicate", "shard_batch", "MeshShardings", "mesh_shardings"]
+__all__ = ["replicate", "unreplicate", "shard_batch", "MeshShardings", "mesh_shardings", "place"]
 
 _is_lora = lambda x: isinstance(x, LoraWeights)
 
@@ -58,7 +58,11 @@ def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-    """The first replica of every leaf (inverse of `replicate`).
+    """The first replica of every leaf (inverse of `replicate`), on one device.
+
+    Each leaf is the first local device's own copy, so the result mixes freely with
+    single-device arrays under `jax.jit` (indexing ``x[0]`` would keep the array spread over
+    every device, which jit refuses to combine with arrays on one device).
 
     Args:
         tree: a replicated pytree.
@@ -68,10 +72,18 @@ def unreplicate(tree: Any) -> Any:
 
     Example:
         >>> import jax.numpy as jnp, lora_jax as lj
-        >>> lj.unreplicate(lj.replicate({"w": jnp.ones(3)}))["w"].shape
-        (3,)
+        >>> w = lj.unreplicate(lj.replicate({"w": jnp.ones(3)}))["w"]
+        >>> w.shape, len(w.devices())
+        ((3,), 1)
     """
-    return jax.tree.map(lambda x: x[0], tree)
+    return jax.tree.map(_first_replica, tree)
+
+
+def _first_replica(x: Any) -> Any:
+    if not isinstance(x, jax.Array):
+        return x[0]
+    shard = x.addressable_data(0)
+    return shard[0] if shard.ndim == x.ndim else shard
 
 
 def shard_batch(batch: Any, num_devices: int | None = None) -> Any:
@@ -268,7 +280,28 @@ def _place_leaf(x: Any, sharding: NamedSharding) -> jax.Array:
 
 
 def place(tree: Any, shardings: Any) -> Any:
-    """Puts every leaf on its sharding (a no-op for leaves already there)."""
+    """Puts every leaf on its sharding; a no-op for leaves already there.
+
+    Works under `jax.distributed` too: when the sharding spans processes, every process
+    passes the same host value and places its own shards. Place the frozen base once with
+    ``lj.place(frozen, lj.mesh_shardings(mesh, frozen, lora).frozen)`` and hand the placed
+    tree to every mesh step, so it is not copied again each step.
+
+    Args:
+        tree: a pytree of arrays (host or device).
+        shardings: a pytree of `NamedSharding` with the structure of `tree` (or a prefix).
+
+    Returns:
+        The tree with every leaf a `jax.Array` on its sharding.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lora_jax as lj
+        >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        >>> mesh = Mesh(jax.devices()[:1], ("data",))
+        >>> placed = lj.place({"w": jnp.ones(4)}, {"w": NamedSharding(mesh, P())})
+        >>> placed["w"].sharding.spec
+        P()
+    """
     return jax.tree.map(_place_leaf, tree, shardings)
 
 

@@ -24,6 +24,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -143,7 +144,7 @@ class NnxGPT(nnx.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def lm_loss(logits: jax.Array, ids: jax.Array) -> jax.Array:
+def lm_loss(logits: Any, ids: jax.Array) -> jax.Array:
     """Next-token cross-entropy, in float32."""
     logits = logits[:, :-1].astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
@@ -234,7 +235,8 @@ def floor_runner(model: GPT, variables: dict, ids: jax.Array) -> Runner:
 
 def nnx_runner(name: str, cfg: GPTConfig, ids: jax.Array, targets: set[str]) -> Runner:
     model = NnxGPT(cfg, targets, nnx.Rngs(0))
-    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    parts: tuple[Any, ...] = nnx.split(model, nnx.LoRAParam, ...)
+    graphdef, lora, rest = parts
     tx = optax.adamw(1e-4)
     box = {"lora": lora, "opt": tx.init(lora)}
 

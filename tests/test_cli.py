@@ -1,0 +1,357 @@
+"""The training app end to end through its command line (`train.cli.main`), in-process.
+
+A base is pretrained once per test session on pydoc prose with a small batch; each test
+then fine-tunes it on a few files of code for a handful of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sysconfig
+
+import jax
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from train import report
+from train.cli import main
+from train.models import Llama, from_pretrained
+
+FAST = ["--seq-len", "32", "--batch-size", "8", "--no-progress", "--log-every", "2"]
+
+
+def run(*argv: str) -> int:
+    return main([*argv])
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory) -> pathlib.Path:
+    folder = tmp_path_factory.mktemp("base") / "tiny"
+    code = run(
+        "pretrain",
+        "--data",
+        "pydoc",
+        "--steps",
+        "30",
+        "--eval-every",
+        "30",
+        "--run-dir",
+        str(folder),
+        *FAST,
+    )
+    assert code == 0
+    return folder
+
+
+@pytest.fixture(scope="session")
+def code_dir(tmp_path_factory) -> pathlib.Path:
+    """A few standard-library modules as a small fine-tuning corpus."""
+    folder = tmp_path_factory.mktemp("code")
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "shlex.py", "fnmatch.py", "colorsys.py", "bisect.py"):
+        shutil.copy(stdlib / name, folder / name)
+    return folder
+
+
+def finetune(base_dir, code_dir, run_dir, *extra: str) -> int:
+    return run(
+        "finetune",
+        "--base",
+        str(base_dir),
+        "--data",
+        str(code_dir),
+        "--run-dir",
+        str(run_dir),
+        "--eval-batches",
+        "2",
+        "--max-new-tokens",
+        "8",
+        *FAST,
+        *extra,
+    )
+
+
+def adapter_arrays(run_dir: pathlib.Path, base_dir: pathlib.Path) -> list[np.ndarray]:
+    lora, _ = lj.load_adapter(run_dir / "adapter")
+    return [np.asarray(x) for x in jax.tree.leaves(lora)]
+
+
+def test_finetune_end_to_end(base_dir, code_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert (
+        finetune(
+            base_dir,
+            code_dir,
+            run_dir,
+            "--steps",
+            "16",
+            "--lr",
+            "1e-2",
+            "--eval-every",
+            "8",
+            "--save-every",
+            "8",
+            "--compare-full",
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["lora_eval_loss"] < summary["base_eval_loss"] - 0.05  # the loss falls
+    assert summary["full_eval_loss"] < summary["base_eval_loss"]
+    assert 0 < summary["trainable_share"] < 0.2
+    assert summary["adapter_bytes_on_disk"] > summary["adapter_bytes"]
+    for words in ("Eval loss", "Trainable", "Tokens/s", "base:", "adapted:"):
+        assert words in out
+    records = report.read_metrics(run_dir)
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(2, 17, 2))
+    assert all(r["tokens_per_s"] > 0 for r in train)
+    assert [r["step"] for r in records if r["split"] == "eval"] == [8, 16]
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["16", "8"]
+
+
+def test_resume_continues_exactly(base_dir, code_dir, tmp_path):
+    """A run cut after step 4 and resumed equals the uninterrupted run (data position too)."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = ("--steps", "8", "--save-every", "4", "--eval-every", "8", "--dropout", "0.1")
+    assert finetune(base_dir, code_dir, whole, *args) == 0
+    assert finetune(base_dir, code_dir, cut, *args) == 0
+    shutil.rmtree(cut / "checkpoints" / "8")  # as if the process died after step 4's save
+    shutil.rmtree(cut / "adapter")
+    assert finetune(base_dir, code_dir, cut, *args, "--resume") == 0
+    for a, b in zip(adapter_arrays(whole, base_dir), adapter_arrays(cut, base_dir), strict=True):
+        np.testing.assert_array_equal(a, b)
+    losses = lambda d: [r["loss"] for r in report.read_metrics(d) if r["split"] == "train"]
+    assert losses(cut)[-2:] == losses(whole)[-2:]  # steps 6 and 8 saw the same batches
+
+
+def test_checkpoints_without_resume_are_refused_and_kept(base_dir, code_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert finetune(base_dir, code_dir, run_dir, "--steps", "2", "--save-every", "2") == 0
+    before = sorted(str(p) for p in run_dir.rglob("*"))
+    capsys.readouterr()
+    assert finetune(base_dir, code_dir, run_dir, "--steps", "2") == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "Traceback" not in err and err.count("\n") == 1
+    assert sorted(str(p) for p in run_dir.rglob("*")) == before
+    assert finetune(base_dir, code_dir, run_dir, "--steps", "2", "--rank", "4", "--resume") == 2
+    assert "rank: 8 then, 4 now" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_strategies_train_the_same_adapters(base_dir, code_dir, tmp_path):
+    got = {}
+    for strategy in ("jit", "pmap", "mesh"):
+        devices = [] if strategy == "jit" else ["--devices", "4"]
+        run_dir = tmp_path / strategy
+        assert (
+            finetune(
+                base_dir,
+                code_dir,
+                run_dir,
+                "--steps",
+                "4",
+                "--strategy",
+                strategy,
+                "--eval-every",
+                "4",
+                *devices,
+            )
+            == 0
+        )
+        got[strategy] = adapter_arrays(run_dir, base_dir)
+    for strategy in ("pmap", "mesh"):
+        for a, b in zip(got["jit"], got[strategy], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained(base_dir, code_dir, tmp_path_factory) -> pathlib.Path:
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    assert finetune(base_dir, code_dir, run_dir, "--steps", "6", "--lr", "1e-2") == 0
+    return run_dir
+
+
+def test_sample_merged_equals_factored(base_dir, trained, capsys):
+    common = (
+        "sample",
+        "--base",
+        str(base_dir),
+        "--run-dir",
+        str(trained),
+        "--prompt",
+        "def f(",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+    )
+    assert run(*common) == 0
+    factored = capsys.readouterr().out
+    assert run(*common, "--merged") == 0
+    merged = capsys.readouterr().out
+    assert "--- base" in factored and "--- adapted" in factored
+    strip = lambda text: text.replace(" (merged)", "")
+    assert strip(merged) == factored
+
+
+def test_eval_matches_the_run_summary(base_dir, code_dir, trained, capsys):
+    assert (
+        run(
+            "eval",
+            "--base",
+            str(base_dir),
+            "--data",
+            str(code_dir),
+            "--run-dir",
+            str(trained),
+            "--eval-batches",
+            "2",
+            *FAST,
+        )
+        == 0
+    )
+    line = capsys.readouterr().out
+    summary = json.loads((trained / "summary.json").read_text())
+    assert f"base {summary['base_eval_loss']:.4f}" in line
+    assert f"{summary['lora_eval_loss']:.4f}" in line
+
+
+def test_export_adapter_and_merged_weights(base_dir, trained, tmp_path):
+    out_lora, out_merged = tmp_path / "lora", tmp_path / "merged"
+    assert (
+        run(
+            "export",
+            "--base",
+            str(base_dir),
+            "--run-dir",
+            str(trained),
+            "--lora-out",
+            str(out_lora),
+            "--merged-out",
+            str(out_merged),
+        )
+        == 0
+    )
+    lora, config = lj.load_adapter(out_lora)
+    original, _ = lj.load_adapter(trained / "adapter")
+    for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(original), strict=True):
+        np.testing.assert_array_equal(a, b)
+    model_config, merged = from_pretrained(out_merged)
+    from train.base import load_base
+
+    base = load_base(base_dir)
+    ids = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+    factored = lj.lora_apply(Llama(base.config).apply, config)(base.variables, lora, ids)
+    plain = Llama(model_config).apply(merged, ids)
+    np.testing.assert_allclose(plain, factored, atol=2e-4)
+
+
+def test_builtin_base_is_pretrained_once_and_cached(code_dir, tmp_path, monkeypatch, capsys):
+    from train import settings
+
+    small = dict(settings.COMMAND_DEFAULTS["pretrain"], steps=4, batch_size=4, seq_len=32)
+    monkeypatch.setitem(settings.COMMAND_DEFAULTS, "pretrain", small)
+    common = (
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--data",
+        str(code_dir),
+        "--steps",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--eval-batches",
+        "1",
+        "--max-new-tokens",
+        "4",
+    )
+    assert run(*common, "--run-dir", str(tmp_path / "a")) == 0
+    assert "pretraining the built-in tiny model" in capsys.readouterr().out
+    assert run(*common, "--run-dir", str(tmp_path / "b")) == 0
+    assert "pretraining" not in capsys.readouterr().out
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert (cached / "base.json").exists() and (cached / "loss.png").exists()
+
+
+def test_config_file_and_flags(base_dir, code_dir, tmp_path):
+    from train.cli import parse
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("steps: 7\nlr: 3e-4\nrun-dir: runs/x\ntargets: attention\n")
+    s, _ = parse(["--config", str(cfg), "--steps", "9"])
+    assert (s.steps, s.lr, s.run_dir, s.targets) == (9, 3e-4, "runs/x", "attention")
+    cfg.write_text('{"stesp": 3}')
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"stesp": 3}')
+    with pytest.raises(ValueError, match=r"unknown setting `stesp`.*`steps`"):
+        parse(["--config", str(bad)])
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("finetune", "pretrain", "eval", "sample", "export"):
+        assert command in out
+
+
+def _error(capsys, *argv: str) -> str:
+    assert run(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+def test_user_errors_are_one_line(base_dir, code_dir, tmp_path, capsys):
+    assert "does not exist" in _error(capsys, "--base", str(tmp_path / "nope"), *FAST)
+    hf = tmp_path / "gpt2"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    assert "GPT2LMHeadModel" in _error(capsys, "--base", str(hf), *FAST)
+    broken = tmp_path / "broken"
+    shutil.copytree(base_dir, broken)
+    (broken / "base.json").write_text("{not json")
+    assert "damaged" in _error(capsys, "--base", str(broken), *FAST)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    assert str(empty) in _error(capsys, "--base", str(base_dir), "--data", str(empty), *FAST)
+    err = _error(capsys, "--base", str(base_dir), "--data", str(code_dir), "--seq-len", "4096")
+    assert "--seq-len 4096" in err
+    err = _error(
+        capsys,
+        "--base",
+        str(base_dir),
+        "--data",
+        str(code_dir),
+        "--strategy",
+        "mesh",
+        "--devices",
+        "3",
+        "--batch-size",
+        "8",
+    )
+    assert "--batch-size 8" in err
+    assert "--strategy" in _error(
+        capsys, "--base", str(base_dir), "--strategy", "jit", "--devices", "2"
+    )
+    assert "no adapter" in _error(
+        capsys,
+        "export",
+        "--base",
+        str(base_dir),
+        "--run-dir",
+        str(tmp_path / "none"),
+        "--lora-out",
+        str(tmp_path / "o"),
+    )

@@ -1,0 +1,351 @@
+"""The five subcommands of ``python -m train``: pretrain, finetune, eval, sample, export.
+
+Each takes the resolved `Settings` and an output stream, prints what a person wants to
+read, and leaves files a person can plot or load (``metrics.jsonl``, ``loss.png``,
+``summary.json``, the adapter). User mistakes raise `UserError` (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import time
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+
+import lora_jax as lj
+from train import corpora
+from train.base import Base, builtin_folder, cast, load_base, save_base
+from train.evaluation import eval_loss, make_eval_fn
+from train.finetune import ADAPTER, LoraResult, lora_logits_fn, run_lora
+from train.full import train_full
+from train.models import PRESETS, Llama, init_cache
+from train.models.hf import save_pretrained
+from train.placement import make_placement
+from train.report import PLOT_FILE, Reporter, plot_losses, read_metrics
+from train.sampling import generate
+from train.settings import COMMAND_DEFAULTS, Settings, UserError
+
+__all__ = ["RUNNERS", "builtin_recipe", "ensure_base"]
+
+SUMMARY_FILE = "summary.json"
+
+
+def builtin_recipe() -> dict[str, Any]:
+    """How the built-in base is pretrained (its cache folder is a hash of this).
+
+    Example:
+        >>> builtin_recipe()["model"]["vocab_size"]
+        258
+    """
+    recipe = {k: v for k, v in COMMAND_DEFAULTS["pretrain"].items() if k != "run_dir"}
+    recipe["data"] = list(recipe["data"])
+    return {"model": PRESETS["tiny"].to_dict(), "seed": 0, **recipe}
+
+
+def ensure_base(s: Settings, out: TextIO) -> Base:
+    """Loads the run's base, pretraining and caching the built-in one the first time."""
+    if s.base != "tiny":
+        return load_base(s.base, dtype=s.dtype, tokenizer=s.tokenizer)
+    recipe = builtin_recipe()
+    folder = builtin_folder(s.cache_dir, recipe)
+    if not folder.exists():
+        print(
+            f"No cached base model in {folder}: pretraining the built-in tiny model on "
+            "English prose (pydoc topics), once.",
+            file=out,
+        )
+        pre = Settings(
+            command="pretrain",
+            run_dir=str(folder),
+            **{k: v for k, v in COMMAND_DEFAULTS["pretrain"].items() if k != "run_dir"},
+            progress=s.progress,
+            cache_dir=s.cache_dir,
+        )
+        pretrain(pre, out)
+    return load_base(folder, dtype=s.dtype, tokenizer=s.tokenizer)
+
+
+def pretrain(s: Settings, out: TextIO) -> dict[str, Any]:
+    """``python -m train pretrain``: trains the tiny model from scratch; writes a base folder."""
+    config = PRESETS["tiny"] if s.base == "tiny" else None
+    if config is None:
+        raise UserError(f"pretrain builds the `tiny` preset; --base {s.base!r} is not a preset.")
+    if s.seq_len > config.max_seq_len:
+        raise UserError(f"--seq-len {s.seq_len} exceeds the model's {config.max_seq_len}.")
+    tok = corpora.tokenizer_for(s, default="byte")
+    train_set, eval_set = corpora.load_splits(s, tok)
+    model = Llama(config)
+    ids = jnp.zeros((1, s.seq_len), jnp.int32)
+    variables = cast(model.init(jax.random.key(s.seed), ids), s.dtype)
+    run_dir = pathlib.Path(s.run_dir).absolute()
+    staging = run_dir.with_name(run_dir.name + ".log")
+    with Reporter(
+        staging, total=s.steps, start=0, progress=s.progress, desc="pretrain", stream=out
+    ) as rep:
+        result = train_full(
+            config,
+            variables,
+            corpora.batches(s, train_set),
+            corpora.eval_sets(s, eval_set),
+            steps=s.steps,
+            lr=s.lr,
+            warmup_steps=s.warmup_steps,
+            min_lr_ratio=s.min_lr_ratio,
+            weight_decay=s.weight_decay,
+            clip_norm=s.clip_norm,
+            log_every=s.log_every,
+            eval_every=s.eval_every,
+            tokens_per_step=s.batch_size * s.seq_len,
+            reporter=rep,
+        )
+    info = {
+        "data": list(s.data),
+        "steps": s.steps,
+        "eval_loss": result.eval_loss,
+        "train_loss": result.train_loss,
+        "tokens_per_s": result.tokens_per_s,
+    }
+    save_base(run_dir, config, result.variables, tokenizer=tok.name, info=info)
+    for name in ("metrics.jsonl",):
+        shutil.move(staging / name, run_dir / name)
+    shutil.rmtree(staging, ignore_errors=True)
+    plot_losses(read_metrics(run_dir), run_dir / PLOT_FILE, title="pretraining")
+    print(
+        f"Pretrained base saved in {run_dir}: eval loss {result.eval_loss:.3f}, "
+        f"{result.seconds:.0f} s.",
+        file=out,
+    )
+    return info
+
+
+def _sample_pair(
+    s: Settings, base: Base, config: lj.LoraConfig | None, frozen: Any, lora: Any
+) -> dict[str, str]:
+    """A sample for the same prompt from the base and (if given) the adapted model."""
+    model = Llama(base.config)
+    prompt = corpora.encode_prompt(base.tokenizer, s.prompt)
+    length = prompt.shape[1] + s.max_new_tokens
+    if length > base.config.max_seq_len:
+        raise UserError(
+            f"prompt ({prompt.shape[1]} tokens) + --max-new-tokens {s.max_new_tokens} exceed "
+            f"the model's {base.config.max_seq_len} positions."
+        )
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=s.max_new_tokens,
+        key=jax.random.key(s.seed),
+        temperature=s.temperature,
+        top_k=s.top_k,
+        eos_id=base.tokenizer.eos_id,
+    )
+
+    def cache() -> Any:
+        return init_cache(base.config, 1, length, dtype=jnp.dtype(s.dtype))
+
+    def plain(params: Any, ids: jax.Array, c: Any) -> Any:
+        return model.apply(params, ids, cache=c)
+
+    base_ids = generate(plain, base.variables, prompt, cache(), **kwargs)[0]
+    out = {"base": base.tokenizer.decode(base_ids)}
+    if config is not None:
+        if s.merged:
+            merged = lj.merge(frozen, lora, config)
+            ids = generate(plain, merged, prompt, cache(), **kwargs)[0]
+        else:
+            apply = lj.lora_apply(model.apply, config)
+            fwd = _LoraForward(apply)
+            ids = generate(fwd, (frozen, lora), prompt, cache(), **kwargs)[0]
+        out["adapted"] = base.tokenizer.decode(ids)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoraForward:
+    apply: Any
+
+    def __call__(self, params: Any, ids: jax.Array, c: Any) -> Any:
+        return self.apply(params[0], params[1], ids, cache=c)
+
+
+def _adapter_dir(s: Settings) -> pathlib.Path:
+    return pathlib.Path(s.adapter) if s.adapter else pathlib.Path(s.run_dir) / ADAPTER
+
+
+def _load_adapter(s: Settings, base: Base) -> tuple[lj.LoraConfig, Any, Any]:
+    folder = _adapter_dir(s)
+    if not (folder / lj.METADATA_FILE).exists():
+        raise UserError(
+            f"no adapter in {folder} (missing {lj.METADATA_FILE}); finish a `finetune` run "
+            "there, or pass --adapter DIR."
+        )
+    try:
+        lora, config = lj.load_adapter(folder, base.variables)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    frozen = base.variables  # the app trains with the default init: the base is unchanged
+    return config, frozen, lora
+
+
+def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
+    """``python -m train finetune`` (the default): LoRA on the base, then a report."""
+    t_start = time.perf_counter()
+    placement = make_placement(s)
+    base = ensure_base(s, out)
+    corpora.check_seq_len(s, base)
+    train_set, eval_set = corpora.load_splits(s, base.tokenizer)
+    evals = corpora.eval_sets(s, eval_set)
+    model = Llama(base.config)
+    base_loss = eval_loss(make_eval_fn(model.apply), base.variables, evals)
+    main = jax.process_index() == 0
+    result = run_lora(s, base, train_set, evals, placement, out if main else None)
+    report: dict[str, Any] = {"base_eval_loss": base_loss, **_lora_report(result)}
+    run_dir = pathlib.Path(s.run_dir).absolute()
+    if main:
+        lj.save_adapter(run_dir / ADAPTER, result.lora, result.config, overwrite=True)
+        report["adapter_bytes_on_disk"] = _folder_bytes(run_dir / ADAPTER)
+    if s.compare_full:
+        with Reporter(
+            None, total=s.steps, start=0, progress=s.progress, desc="full", stream=out, enabled=main
+        ) as rep:
+            full = train_full(
+                base.config,
+                base.variables,
+                corpora.batches(s, train_set),
+                evals,
+                steps=s.steps,
+                lr=s.full_lr,
+                warmup_steps=s.warmup_steps,
+                min_lr_ratio=s.min_lr_ratio,
+                weight_decay=s.weight_decay,
+                clip_norm=s.clip_norm,
+                log_every=s.log_every,
+                eval_every=s.steps,
+                tokens_per_step=s.batch_size * s.seq_len,
+                reporter=rep,
+            )
+        report.update(
+            full_eval_loss=full.eval_loss,
+            full_tokens_per_s=full.tokens_per_s,
+            full_opt_state_bytes=full.opt_state_bytes,
+        )
+    if main:
+        report["samples"] = _sample_pair(s, base, result.config, result.frozen, result.lora)
+        report["seconds"] = time.perf_counter() - t_start
+        references = {"base": base_loss}
+        if report.get("full_eval_loss") is not None:
+            references["full fine-tune"] = report["full_eval_loss"]
+        plot_losses(
+            read_metrics(run_dir),
+            run_dir / PLOT_FILE,
+            title="LoRA fine-tuning",
+            references=references,
+        )
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        print(_format_report(s, base, report, run_dir), file=out)
+    return report
+
+
+def _lora_report(r: LoraResult) -> dict[str, Any]:
+    return {
+        "lora_eval_loss": r.eval_loss,
+        "lora_train_loss": r.train_loss,
+        "trainable_params": r.summary.trainable,
+        "base_params": r.summary.total,
+        "trainable_share": r.summary.fraction,
+        "adapter_bytes": r.summary.adapter_bytes,
+        "tokens_per_s": r.tokens_per_s,
+        "train_seconds": r.seconds,
+    }
+
+
+def _folder_bytes(folder: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _format_report(s: Settings, base: Base, r: dict[str, Any], run_dir: pathlib.Path) -> str:
+    loss = f"base {r['base_eval_loss']:.3f} -> LoRA {r['lora_eval_loss']:.3f}"
+    if r.get("full_eval_loss") is not None:
+        loss += f" (full fine-tune {r['full_eval_loss']:.3f})"
+    speed = f"LoRA {r['tokens_per_s'] or 0:,.0f}"
+    if r.get("full_tokens_per_s"):
+        speed += f", full fine-tune {r['full_tokens_per_s']:,.0f}"
+    lines = [
+        "",
+        f"Run folder        {run_dir}  (metrics.jsonl, loss.png, {ADAPTER}/, summary.json)",
+        f"Base              {base.source}",
+        f"Eval loss         {loss}  (nats/token on held-out {', '.join(s.eval_data or s.data)})",
+        f"Trainable         {r['trainable_params']:,} of {r['base_params']:,} parameters "
+        f"({100 * r['trainable_share']:.2f}%), rank {s.rank} on {s.targets}",
+        f"Adapter           {r.get('adapter_bytes_on_disk', 0) / 1024:,.0f} KiB on disk "
+        f"({r['adapter_bytes'] / 1024:,.0f} KiB of A/B)",
+        f"Tokens/s          {speed}",
+        f"Time              {r['seconds']:.0f} s in all, LoRA training {r['train_seconds']:.0f} s",
+        f"Sample            prompt {s.prompt!r}",
+        f"  base:    {r['samples']['base']!r}",
+        f"  adapted: {r['samples'].get('adapted', '')!r}",
+    ]
+    return "\n".join(lines)
+
+
+def evaluate(s: Settings, out: TextIO) -> dict[str, Any]:
+    """``python -m train eval``: eval loss of the base and, if there is one, the adapter."""
+    base = ensure_base(s, out)
+    corpora.check_seq_len(s, base)
+    _, eval_set = corpora.load_splits(s, base.tokenizer)
+    evals = corpora.eval_sets(s, eval_set)
+    model = Llama(base.config)
+    result = {"base_eval_loss": eval_loss(make_eval_fn(model.apply), base.variables, evals)}
+    line = f"eval loss: base {result['base_eval_loss']:.4f}"
+    if s.adapter or (_adapter_dir(s) / lj.METADATA_FILE).exists():
+        config, frozen, lora = _load_adapter(s, base)
+        fn = make_eval_fn(lora_logits_fn(model, config))
+        result["lora_eval_loss"] = eval_loss(fn, (frozen, lora), evals)
+        line += f", with the adapter in {_adapter_dir(s)} {result['lora_eval_loss']:.4f}"
+    print(line, file=out)
+    return result
+
+
+def sample(s: Settings, out: TextIO) -> dict[str, Any]:
+    """``python -m train sample``: continue ``--prompt`` with the base and the adapter."""
+    base = ensure_base(s, out)
+    adapted = s.adapter or (_adapter_dir(s) / lj.METADATA_FILE).exists()
+    config, frozen, lora = _load_adapter(s, base) if adapted else (None, None, None)
+    samples = _sample_pair(s, base, config, frozen, lora)
+    for name, text in samples.items():
+        print(f"--- {name}{' (merged)' if name == 'adapted' and s.merged else ''}:", file=out)
+        print(s.prompt + text, file=out)
+    return samples
+
+
+def export(s: Settings, out: TextIO) -> dict[str, Any]:
+    """``python -m train export``: the adapter (``--lora-out``) or merged weights
+    as a HuggingFace folder (``--merged-out``)."""
+    if not (s.out_adapter or s.out_merged):
+        raise UserError("export needs --lora-out DIR and/or --merged-out DIR.")
+    base = ensure_base(s, out)
+    config, frozen, lora = _load_adapter(s, base)
+    written = {}
+    if s.out_adapter:
+        lj.save_adapter(s.out_adapter, lora, config, overwrite=True)
+        written["adapter"] = s.out_adapter
+    if s.out_merged:
+        merged = lj.merge(frozen, lora, config)
+        save_pretrained(s.out_merged, base.config, merged, dtype=s.dtype)
+        corpora.copy_tokenizer_files(base, pathlib.Path(s.out_merged))
+        written["merged"] = s.out_merged
+    for kind, path in written.items():
+        print(f"wrote the {kind} to {path}", file=out)
+    return written
+
+
+RUNNERS = {
+    "pretrain": pretrain,
+    "finetune": finetune,
+    "eval": evaluate,
+    "sample": sample,
+    "export": export,
+}

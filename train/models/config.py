@@ -1,0 +1,216 @@
+"""`LlamaConfig`: the static, hashable description of a Llama-family decoder, and `PRESETS`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["LlamaConfig", "PRESETS", "ROPE_TYPES"]
+
+ROPE_TYPES = ("default", "llama3")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+RopeScaling = tuple[tuple[str, float | str], ...]
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"LlamaConfig.{name} must be a positive int; found {value!r}.")
+
+
+def _positive_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"LlamaConfig.{name} must be a number > 0; found {value!r}.")
+
+
+def _float_dtype(name: str, value: Any) -> str:
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError as err:
+        raise ValueError(
+            f"LlamaConfig.{name} must be a float dtype name; found {value!r}."
+        ) from err
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"LlamaConfig.{name} must be a float dtype; found {dtype.name!r}.")
+    return dtype.name
+
+
+def _freeze_rope_scaling(value: Any) -> RopeScaling | None:
+    """Validates HF-style rope scaling and returns it as sorted pairs (None for default)."""
+    if value is None:
+        return None
+    try:
+        items = dict(value.items() if isinstance(value, Mapping) else value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"LlamaConfig.rope_scaling must be a dict or (key, value) pairs; found {value!r}."
+        ) from err
+    rope_type = items.pop("rope_type", items.pop("type", "default"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type != "llama3":
+        raise ValueError(
+            f"LlamaConfig.rope_scaling: rope_type {rope_type!r} is not supported; "
+            f"supported: {', '.join(ROPE_TYPES)}."
+        )
+    missing = [k for k in _LLAMA3_KEYS if k not in items]
+    unknown = sorted(set(items) - set(_LLAMA3_KEYS))
+    if missing or unknown:
+        raise ValueError(
+            f"LlamaConfig.rope_scaling (llama3) needs exactly {list(_LLAMA3_KEYS)}; "
+            f"missing {missing}, unknown {unknown}."
+        )
+    for key in _LLAMA3_KEYS:
+        _positive_number(f"rope_scaling[{key!r}]", items[key])
+    if items["low_freq_factor"] >= items["high_freq_factor"]:
+        raise ValueError(
+            "LlamaConfig.rope_scaling: low_freq_factor must be < high_freq_factor; found "
+            f"{items['low_freq_factor']} and {items['high_freq_factor']}."
+        )
+    pairs = [(k, float(items[k])) for k in _LLAMA3_KEYS]
+    return (("rope_type", "llama3"), *sorted(pairs))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """The architecture of a Llama-family decoder: static and hashable (safe under `jax.jit`).
+
+    Attributes:
+        vocab_size: number of token ids.
+        hidden_size: model width.
+        intermediate_size: width of the SwiGLU MLP.
+        num_layers: number of decoder layers.
+        num_heads: number of query heads.
+        num_kv_heads: number of key/value heads (grouped-query attention); divides
+            `num_heads`.
+        head_dim: width of one head; ``hidden_size // num_heads`` when None (resolved here).
+        max_seq_len: longest KV cache `init_cache` accepts.
+        rope_theta: rotary base.
+        rope_scaling: HF rope scaling, as a dict or sorted ``(key, value)`` pairs (stored as
+            pairs): None / ``rope_type="default"``, or ``"llama3"`` with ``factor``,
+            ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``.
+        rms_norm_eps: RMSNorm epsilon.
+        attention_bias: a bias on q/k/v (Qwen2); never on o_proj.
+        tie_embeddings: the output head is the transposed embedding (no ``lm_head``).
+        sliding_window: each query sees only the last `sliding_window` positions (Mistral).
+        scan_layers: the layers are one `nn.scan` (params under ``layers/`` with a leading
+            layer axis) instead of ``layers_0`` ... ``layers_{n-1}``.
+        dtype: compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
+        param_dtype: dtype of freshly initialised parameters.
+
+    Example:
+        >>> from train.models import LlamaConfig
+        >>> c = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1,
+        ...                 num_heads=2, num_kv_heads=1)
+        >>> c.head_dim, LlamaConfig.from_dict(c.to_dict()) == c
+        (4, True)
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | Mapping[str, float | str] | None = None
+    rms_norm_eps: float = 1e-5
+    attention_bias: bool = False
+    tie_embeddings: bool = False
+    sliding_window: int | None = None
+    scan_layers: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
+            _positive_int(name, getattr(self, name))
+        for name in ("num_heads", "num_kv_heads", "max_seq_len"):
+            _positive_int(name, getattr(self, name))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})."
+            )
+        set_ = object.__setattr__
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"LlamaConfig: hidden_size ({self.hidden_size}) is not a multiple of "
+                    f"num_heads ({self.num_heads}); set head_dim explicitly."
+                )
+            set_(self, "head_dim", self.hidden_size // self.num_heads)
+        _positive_int("head_dim", self.head_dim)
+        if int(self.head_dim or 0) % 2:
+            raise ValueError(f"LlamaConfig.head_dim must be even (rotary); found {self.head_dim}.")
+        if self.sliding_window is not None:
+            _positive_int("sliding_window", self.sliding_window)
+        _positive_number("rope_theta", self.rope_theta)
+        _positive_number("rms_norm_eps", self.rms_norm_eps)
+        for name in ("attention_bias", "tie_embeddings", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"LlamaConfig.{name} must be a bool; found {getattr(self, name)!r}."
+                )
+        set_(self, "rope_scaling", _freeze_rope_scaling(self.rope_scaling))
+        set_(self, "dtype", _float_dtype("dtype", self.dtype))
+        set_(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-able dict (`rope_scaling` as a dict); `from_dict` inverts it.
+
+        Returns:
+            ``{field: value}`` for every field.
+        """
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
+        """Builds a config from `to_dict` output (e.g. read back from JSON).
+
+        Args:
+            d: ``{field: value}``; the required fields and any optional ones.
+
+        Returns:
+            The config.
+
+        Raises:
+            ValueError: `d` is not a mapping, has unknown keys or lacks required ones (both
+                are listed), or holds an invalid value.
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"LlamaConfig.from_dict expects a dict; found {type(d).__name__}.")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"LlamaConfig.from_dict: unknown keys {unknown}; known keys: {sorted(fields)}."
+            )
+        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+        missing = [n for n in required if n not in d]
+        if missing:
+            raise ValueError(f"LlamaConfig.from_dict: missing required keys {missing}.")
+        return cls(**d)
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    # The CPU demo model for byte-level tokens (256 bytes + 2 specials), about 0.9M params.
+    "tiny": LlamaConfig(
+        vocab_size=258,
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=512,
+        tie_embeddings=False,
+    ),
+}

@@ -1,0 +1,188 @@
+"""HuggingFace ``config.json`` <-> `LlamaConfig`, for transformers 4 and 5 layouts.
+
+Transformers 5 keeps ``rope_theta`` and the scaling inside ``rope_parameters``; older files
+have top-level ``rope_theta`` and ``rope_scaling``. Both are read; both are written.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from train.models.config import LlamaConfig
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "config_from_hf", "config_to_hf"]
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_MODEL_TYPES = dict(zip(("llama", "mistral", "qwen2"), SUPPORTED_ARCHITECTURES, strict=True))
+_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+_ROPE_KEYS = ("rope_theta", "rope_type", "type", "partial_rotary_factor")
+
+
+def _architecture(hf: Mapping[str, Any], where: str) -> str:
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else _MODEL_TYPES.get(hf.get("model_type", ""), hf.get("model_type"))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{where}: architecture {arch!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
+    return arch
+
+
+def _rope(hf: Mapping[str, Any], where: str) -> tuple[float, dict[str, Any]]:
+    """(theta, scaling) from legacy ``rope_scaling`` or transformers 5 ``rope_parameters``."""
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    fallback = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    theta = params.get("rope_theta", hf.get("rope_theta", fallback))
+    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor != 1 is not supported.")
+    scaling = {k: v for k, v in params.items() if k not in _ROPE_KEYS}
+    scaling["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    if scaling["rope_type"] == "llama3":
+        original = hf.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        scaling.setdefault("original_max_position_embeddings", original)
+    return theta, scaling
+
+
+def _qwen2_window(hf: Mapping[str, Any], where: str) -> int | None:
+    if not hf.get("use_sliding_window"):
+        return None
+    n = hf["num_hidden_layers"]
+    first = hf.get("max_window_layers", 28)
+    kinds = hf.get("layer_types") or [
+        "sliding_attention" if i >= first else "full_attention" for i in range(n)
+    ]
+    sliding = sum(kind == "sliding_attention" for kind in kinds)
+    if 0 < sliding < n:
+        raise ValueError(
+            f"{where}: a sliding window on {sliding} of {n} layers (layer_types / "
+            "max_window_layers) is not supported; only all or none."
+        )
+    return hf.get("sliding_window", 4096) if sliding else None
+
+
+def config_from_hf(hf: Mapping[str, Any], *, path: str | os.PathLike | None = None) -> LlamaConfig:
+    """The `LlamaConfig` of a HuggingFace ``config.json`` (transformers 4 or 5 layout).
+
+    Args:
+        hf: the parsed ``config.json``.
+        path: where it was read from, for error messages.
+
+    Returns:
+        The config (float32, unscanned; `from_pretrained` sets those).
+
+    Raises:
+        ValueError: unsupported architecture, activation, biases or rope type, missing keys,
+            or invalid values; the message names `path`.
+
+    Example:
+        >>> from train.models import config_from_hf
+        >>> c = config_from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 16,
+        ...     "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        ...     "num_attention_heads": 2, "num_key_value_heads": 1})
+        >>> c.num_kv_heads, c.head_dim
+        (1, 4)
+    """
+    where = f"config.json at {path}" if path is not None else "config.json"
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"{where}: expected a JSON object; found {type(hf).__name__}.")
+    arch = _architecture(hf, where)
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise ValueError(f"{where}: missing keys {missing}.")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
+        raise ValueError(f"{where}: only a bias-free SiLU MLP is supported.")
+    if arch == "LlamaForCausalLM" and hf.get("attention_bias"):
+        raise ValueError(f"{where}: attention_bias=true (a bias on o_proj) is not supported.")
+    theta, scaling = _rope(hf, where)
+    windows = {
+        "MistralForCausalLM": lambda: hf.get("sliding_window", 4096),
+        "Qwen2ForCausalLM": lambda: _qwen2_window(hf, where),
+    }
+    try:
+        return LlamaConfig(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim"),
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            attention_bias=arch == "Qwen2ForCausalLM",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=windows.get(arch, lambda: None)(),
+        )
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
+    """A ``config.json`` dict for `config` that ``transformers`` (4 or 5) loads.
+
+    ``attention_bias`` makes it ``Qwen2ForCausalLM``, else a sliding window makes it
+    ``MistralForCausalLM``, else ``LlamaForCausalLM``.
+
+    Args:
+        config: the model config.
+
+    Returns:
+        The JSON-able dict (``dtype`` is ``config.param_dtype``).
+
+    Example:
+        >>> from train.models import PRESETS, config_to_hf
+        >>> config_to_hf(PRESETS["tiny"])["architectures"]
+        ['LlamaForCausalLM']
+    """
+    if config.attention_bias:
+        arch = "Qwen2ForCausalLM"
+    else:
+        arch = "MistralForCausalLM" if config.sliding_window else "LlamaForCausalLM"
+    scaling = dict(config.rope_scaling or {"rope_type": "default"})
+    if "original_max_position_embeddings" in scaling:
+        scaling["original_max_position_embeddings"] = int(
+            scaling["original_max_position_embeddings"]
+        )
+    out: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": {a: t for t, a in _MODEL_TYPES.items()}[arch],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": dict(scaling) if config.rope_scaling else None,
+        "rope_parameters": {**scaling, "rope_theta": config.rope_theta},
+        "dtype": config.param_dtype,
+        "torch_dtype": config.param_dtype,
+    }
+    if arch == "LlamaForCausalLM":
+        out.update(attention_bias=False, mlp_bias=False)
+    elif arch == "MistralForCausalLM":
+        out.update(sliding_window=config.sliding_window)
+    else:
+        window = config.sliding_window
+        out.update(
+            use_sliding_window=window is not None,
+            sliding_window=window,
+            max_window_layers=0 if window else config.num_layers,
+        )
+    return out

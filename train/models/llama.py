@@ -1,0 +1,318 @@
+"""`Llama`: a Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) in Flax linen.
+
+The architecture is HuggingFace's ``LlamaForCausalLM`` with eager attention: RMSNorm in
+float32, rotary embeddings in the ``rotate_half`` convention, grouped-query attention, a
+SwiGLU MLP and an untied or tied output head. Every projection is a plain `nn.Dense` and the
+embedding an `nn.Embed`, so `lora_jax` computes their low-rank path factored. Parameter
+names follow HuggingFace (``layers_0/self_attn/q_proj/kernel`` is
+``model.layers.0.self_attn.q_proj.weight`` transposed); `train.models.hf` maps them.
+
+The static description lives in `train.models.config`; the KV cache is a plain pytree
+from `init_cache`.
+"""
+
+from __future__ import annotations
+
+import functools
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lora_jax as lj
+from train.models.config import PRESETS, LlamaConfig
+
+__all__ = ["PRESETS", "Llama", "LlamaConfig", "init_cache", "num_params", "rope_frequencies"]
+
+_INIT = nn.initializers.normal(0.02)
+_F32 = jnp.float32
+
+
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+    """The rotary inverse frequencies, ``(head_dim // 2,)`` float32, as HuggingFace computes them.
+
+    Args:
+        config: the model config (``head_dim``, ``rope_theta``, ``rope_scaling``).
+
+    Returns:
+        The inverse frequencies, with Llama 3.1 scaling applied when configured.
+
+    Example:
+        >>> from train.models import LlamaConfig, rope_frequencies
+        >>> c = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+        ...                 num_heads=2, num_kv_heads=1)
+        >>> [round(float(f), 3) for f in rope_frequencies(c)]
+        [1.0, 0.01]
+    """
+    dim = typing.cast(int, config.head_dim)  # resolved by LlamaConfig.__post_init__
+    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv = (np.float32(1.0) / np.float32(config.rope_theta) ** exponent).astype(np.float32)
+    scaling = dict(config.rope_scaling or ())
+    if scaling.get("rope_type") != "llama3":
+        return inv
+    factor, low, high = (
+        float(scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor")
+    )
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rope(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin, ``(batch, seq, 1, head_dim)`` in the compute dtype."""
+    freqs = positions[..., None].astype(_F32) * jnp.asarray(rope_frequencies(config))
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(angles).astype(config.dtype), jnp.sin(angles).astype(config.dtype)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _mask(q_slots: jax.Array, k_slots: jax.Array, window: int | None) -> jax.Array:
+    """``(seq, keys)`` bool: causal, and within the sliding window when one is set."""
+    diff = q_slots[:, None] - k_slots[None, :]
+    ok = diff >= 0
+    return ok & (diff < window) if window is not None else ok
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention, HF eager style: softmax in float32. q ``(b, s, h, d)``."""
+    b, s, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, s, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k) * jnp.asarray(d**-0.5, q.dtype)
+    scores = jnp.where(mask, scores.astype(_F32), jnp.finfo(_F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, h * d)
+
+
+def _dense(config: LlamaConfig, features: int, name: str, bias: bool = False) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        kernel_init=_INIT,
+        name=name,
+    )
+
+
+class _RMSNorm(nn.Module):
+    """HF RMSNorm: ``x * rsqrt(mean(x^2) + eps)`` in float32, then ``* scale``."""
+
+    eps: float
+    dtype: str
+    param_dtype: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(_F32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class _Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings and an optional KV cache slot."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv, end):
+        c = self.config
+        b, s, _ = x.shape
+        hd, bias = typing.cast(int, c.head_dim), c.attention_bias
+        q = _dense(c, c.num_heads * hd, "q_proj", bias)(x).reshape(b, s, c.num_heads, hd)
+        k = _dense(c, c.num_kv_heads * hd, "k_proj", bias)(x).reshape(b, s, c.num_kv_heads, hd)
+        v = _dense(c, c.num_kv_heads * hd, "v_proj", bias)(x).reshape(b, s, c.num_kv_heads, hd)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if kv is not None:
+            update = functools.partial(jax.lax.dynamic_update_slice, start_indices=(0, end, 0, 0))
+            kv = (update(kv[0], k.astype(kv[0].dtype)), update(kv[1], v.astype(kv[1].dtype)))
+            k, v = kv[0].astype(c.dtype), kv[1].astype(c.dtype)
+        out = _attend(q, k, v, mask)
+        return _dense(c, c.hidden_size, "o_proj")(out), kv
+
+
+class _Mlp(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        gate = _dense(c, c.intermediate_size, "gate_proj")(x)
+        up = _dense(c, c.intermediate_size, "up_proj")(x)
+        return _dense(c, c.hidden_size, "down_proj")(nn.silu(gate) * up)
+
+
+class _DecoderLayer(nn.Module):
+    """Pre-norm block; scannable as ``(x, cos, sin, mask, kv, end) -> (x, kv)``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv, end):
+        c = self.config
+        norm = functools.partial(_RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype)
+        h, kv = _Attention(c, name="self_attn")(
+            norm(name="input_layernorm")(x), cos, sin, mask, kv, end
+        )
+        x = x + h
+        return x + _Mlp(c, name="mlp")(norm(name="post_attention_layernorm")(x)), kv
+
+
+def _check_inputs(config: LlamaConfig, ids: Any, cache: Any) -> None:
+    if not hasattr(ids, "dtype") or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"`ids` must be an integer array; found {getattr(ids, 'dtype', ids)!r}.")
+    if ids.ndim != 2:
+        raise ValueError(f"`ids` must have shape (batch, seq); found shape {ids.shape}.")
+    if cache is None:
+        return
+    if not isinstance(cache, Mapping) or set(cache) != {"k", "v", "end"}:
+        raise ValueError("`cache` must be the dict from `init_cache` with keys 'k', 'v', 'end'.")
+    want = (config.num_layers, ids.shape[0], None, config.num_kv_heads, config.head_dim)
+    for name in ("k", "v"):
+        got = tuple(cache[name].shape)
+        if len(got) != 5 or any(w is not None and w != g for w, g in zip(want, got, strict=True)):
+            raise ValueError(
+                f"cache[{name!r}] must have shape (num_layers, batch, max_len, kv_heads, "
+                f"head_dim) = {want[:2]} + (max_len,) + {want[3:]}; found {got}."
+            )
+    if ids.shape[1] > cache["k"].shape[2]:
+        raise ValueError(f"{ids.shape[1]} tokens do not fit a cache of {cache['k'].shape[2]}.")
+
+
+class Llama(nn.Module):
+    """A Llama-family causal LM: ``ids -> logits``, or ``(ids, cache) -> (logits, cache)``.
+
+    Attributes:
+        config: the architecture (`LlamaConfig`).
+
+    Call arguments: ``ids`` ``(batch, seq)`` int; ``positions`` (keyword) ``(seq,)`` or
+    ``(batch, seq)`` rotary positions, default ``end + arange(seq)``; ``cache`` (keyword) from
+    `init_cache`. Without a cache it returns float32 logits ``(batch, seq, vocab)``; with
+    one it writes the new keys and values at ``cache["end"]``, attends to every filled slot
+    and returns ``(logits, cache)`` with ``end`` advanced by ``seq``. The caller keeps
+    ``end + seq <= max_len`` (under jit it cannot be checked).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from train.models import Llama, LlamaConfig
+        >>> c = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1,
+        ...                 num_heads=2, num_kv_heads=1)
+        >>> ids = jnp.zeros((1, 3), jnp.int32)
+        >>> variables = Llama(c).init(jax.random.key(0), ids)
+        >>> Llama(c).apply(variables, ids).shape
+        (1, 3, 16)
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, ids: jax.Array, *, positions: Any = None, cache: Any = None) -> Any:
+        c = self.config
+        _check_inputs(c, ids, cache)
+        b, s = ids.shape
+        end = jnp.zeros((), jnp.int32) if cache is None else cache["end"]
+        slots = end + jnp.arange(s, dtype=jnp.int32)
+        positions = slots if positions is None else jnp.asarray(positions)
+        cos, sin = _rope(c, jnp.broadcast_to(positions, (b, s)))
+        keys = slots if cache is None else jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
+        mask = _mask(slots, keys, c.sliding_window)
+        embed = nn.Embed(
+            c.vocab_size, c.hidden_size, c.dtype, c.param_dtype, _INIT, name="embed_tokens"
+        )
+        x, kv = _decoder_stack(c, embed(ids), cos, sin, mask, cache, end)
+        x = _RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x)
+        head = embed.attend if c.tie_embeddings else _dense(c, c.vocab_size, "lm_head")
+        logits = head(x).astype(_F32)
+        if cache is None:
+            return logits
+        return logits, {"k": kv[0], "v": kv[1], "end": end + s}
+
+
+def _decoder_stack(c: LlamaConfig, x, cos, sin, mask, cache, end) -> tuple[jax.Array, Any]:
+    """The decoder layers (unrolled ``layers_{i}`` or one scanned ``layers``); call it inside
+    a compact method. Returns ``(x, (k, v))``, the cache part None without a cache."""
+    if c.scan_layers:
+        stack = nn.scan(
+            _DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, lj.DROPOUT_RNG: True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            length=c.num_layers,
+        )
+        kv = None if cache is None else (cache["k"], cache["v"])
+        return stack(c, name="layers")(x, cos, sin, mask, kv, end)
+    new = []
+    for i in range(c.num_layers):
+        kv = None if cache is None else (cache["k"][i], cache["v"][i])
+        x, kv = _DecoderLayer(c, name=f"layers_{i}")(x, cos, sin, mask, kv, end)
+        new.append(kv)
+    return x, None if cache is None else tuple(jnp.stack(t) for t in zip(*new, strict=True))
+
+
+def init_cache(
+    config: LlamaConfig, batch_size: int, max_len: int, *, dtype: Any = None
+) -> dict[str, jax.Array]:
+    """An empty KV cache for `Llama`: room for `max_len` positions per sequence.
+
+    Args:
+        config: the model config.
+        batch_size: number of sequences.
+        max_len: number of positions; at most ``config.max_seq_len``.
+        dtype: dtype of the cached keys and values; the compute dtype by default.
+
+    Returns:
+        ``{"k": zeros (num_layers, batch, max_len, kv_heads, head_dim), "v": same,
+        "end": int32 0}``; ``end`` counts the filled positions.
+
+    Raises:
+        ValueError: `max_len` or `batch_size` is not positive, or `max_len` exceeds
+            ``config.max_seq_len``.
+
+    Example:
+        >>> from train.models import PRESETS, init_cache
+        >>> cache = init_cache(PRESETS["tiny"], 2, 16)
+        >>> cache["k"].shape, int(cache["end"])
+        ((4, 2, 16, 2, 32), 0)
+    """
+    for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int; found {value!r}.")
+    if max_len > config.max_seq_len:
+        raise ValueError(
+            f"`max_len` = {max_len} exceeds the model's max_seq_len = {config.max_seq_len}."
+        )
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "end": jnp.int32(0)}
+
+
+def num_params(params: Any) -> int:
+    """The number of scalars in a pytree of arrays (params or variables).
+
+    Args:
+        params: any pytree whose leaves have a ``size``.
+
+    Returns:
+        The total size.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> num_params({"a": jnp.ones((2, 3)), "b": {"c": jnp.ones(4)}})
+        10
+    """
+    return sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
