@@ -355,3 +355,93 @@ def test_user_errors_are_one_line(base_dir, code_dir, tmp_path, capsys):
         "--lora-out",
         str(tmp_path / "o"),
     )
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_process_trains(base_dir, code_dir, tmp_path):
+    """Two real processes (2 devices each, gloo over loopback) = one process with 4."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [
+        "--base",
+        str(base_dir),
+        "--data",
+        str(code_dir),
+        "--steps",
+        "4",
+        "--eval-every",
+        "4",
+        "--eval-batches",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--strategy",
+        "mesh",
+        *FAST,
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # --devices decides
+    many = tmp_path / "two"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "train",
+                *args,
+                "--run-dir",
+                str(many),
+                "--devices",
+                "2",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out
+    one = tmp_path / "one"
+    assert (
+        finetune(
+            base_dir,
+            code_dir,
+            one,
+            "--steps",
+            "4",
+            "--eval-every",
+            "4",
+            "--strategy",
+            "mesh",
+            "--devices",
+            "4",
+        )
+        == 0
+    )
+    exported = tmp_path / "exported"
+    assert run("export", "--run-dir", str(many), "--lora-out", str(exported)) == 0
+    got, _ = lj.load_adapter(exported)
+    want, _ = lj.load_adapter(one / "adapter")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_console_script_is_installed():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lora-jax-train"]
+    assert script.load() is main

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from train.models import LlamaConfig
+from train.models import LlamaConfig, from_hf_state, to_hf_state
 from train.models.hf import from_pretrained
 from train.settings import UserError
 from train.tokenizer import Tokenizer, load_tokenizer
@@ -115,7 +115,13 @@ def _load_ours(folder: pathlib.Path, dtype: str) -> tuple[LlamaConfig, Any, str,
         raise UserError(f"{folder / BASE_FILE}: format {record.get('format')!r}, not {FORMAT!r}.")
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            variables = ckpt.restore(folder / "params")
+            # Every process reads the whole base onto its own first device.
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                ckpt.metadata(folder / "params").item_metadata,
+            )
+            variables = ckpt.restore(folder / "params", target)
     except Exception as err:
         raise UserError(f"cannot read the weights in {folder / 'params'}: {err}") from None
     return config, cast(variables, dtype), record["tokenizer"], record.get("info", {})
@@ -132,7 +138,22 @@ def builtin_folder(cache_dir: str | os.PathLike, recipe: dict[str, Any]) -> path
     return pathlib.Path(cache_dir).expanduser().absolute() / f"tiny-{digest}"
 
 
-def load_base(spec: str | os.PathLike, *, dtype: str = "float32", tokenizer: str = "auto") -> Base:
+def _relayout(config: LlamaConfig, variables: Any, dtype: str, scan: bool) -> tuple:
+    """The same weights with the layers scanned (or not) and the compute dtype set."""
+    new = dataclasses.replace(config, dtype=dtype, param_dtype=dtype, scan_layers=scan)
+    if scan != config.scan_layers:
+        state = to_hf_state(config, variables)
+        variables = {"params": from_hf_state(new, state, dtype=dtype, scan_layers=scan)}
+    return new, variables
+
+
+def load_base(
+    spec: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    tokenizer: str = "auto",
+    scan_layers: bool = False,
+) -> Base:
     """Loads a base folder of ours or a local HuggingFace checkpoint folder.
 
     Args:
@@ -140,6 +161,7 @@ def load_base(spec: str | os.PathLike, *, dtype: str = "float32", tokenizer: str
         dtype: ``"float32"`` or ``"bfloat16"`` for the weights.
         tokenizer: ``"auto"`` (the folder's own: ``tokenizer.json`` or what ``base.json``
             names), ``"byte"``, or a path to a ``tokenizer.json``.
+        scan_layers: run the layers as one `nn.scan` (faster compiles for deep models).
 
     Returns:
         The `Base`.
@@ -158,7 +180,7 @@ def load_base(spec: str | os.PathLike, *, dtype: str = "float32", tokenizer: str
         config, variables, tok_spec, info = _load_ours(folder, dtype)
     elif (folder / "config.json").exists():
         try:
-            config, variables = from_pretrained(folder, dtype=dtype)
+            config, variables = from_pretrained(folder, dtype=dtype, scan_layers=scan_layers)
         except ValueError as err:
             raise UserError(str(err)) from None
         tok_spec, info = str(folder), {}
@@ -167,6 +189,7 @@ def load_base(spec: str | os.PathLike, *, dtype: str = "float32", tokenizer: str
             f"{folder} is not a model folder: it has neither config.json (HuggingFace) nor "
             f"{BASE_FILE} (written by `python -m train pretrain`)."
         )
+    config, variables = _relayout(config, variables, dtype, scan_layers)
     tok = load_tokenizer(tok_spec if tokenizer == "auto" else tokenizer)
     if tok.vocab_size > config.vocab_size:
         raise UserError(

@@ -1,14 +1,16 @@
 """``python -m train`` / ``lora-jax-train``: fine-tune a language model with LoRA.
 
-Parses the command line (settings from flags override a ``--config`` file, which overrides
-the defaults), prepares devices and processes *before* JAX starts (``--devices`` simulates
-CPU devices), runs a subcommand, and turns user mistakes into one line on stderr and exit
-status 2 (``--debug`` shows the traceback).
+Parses the command line: flags override a ``--config`` file, which overrides what the run
+in ``--run-dir`` recorded (for eval, sample and export), which overrides the defaults.
+Prepares devices and processes *before* JAX starts (``--devices`` simulates CPU devices),
+runs a subcommand, and turns user mistakes into one line on stderr and exit status 2
+(``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -77,6 +79,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         nargs="+",
     )
     _opt(m, "--seq-len", "seq_len", "tokens per training sequence", type=int)
+    _opt(
+        m,
+        "--scan-layers",
+        "scan_layers",
+        "run the layers as one nn.scan (faster compile)",
+        action="store_true",
+    )
     _opt(m, "--dtype", "dtype", "weights and compute dtype", choices=["float32", "bfloat16"])
     r = p.add_argument_group("run")
     _opt(r, "--run-dir", "run_dir", "folder for checkpoints, metrics.jsonl, loss.png, adapter/")
@@ -190,7 +199,48 @@ def parse(argv: Sequence[str]) -> tuple[Settings, bool]:
     ns = vars(build_parser().parse_args(args))
     command, config_file, debug = ns.pop("command"), ns.pop("config", None), ns.pop("debug")
     file_values = read_config_file(config_file) if config_file else {}
+    if command in ("eval", "sample", "export"):  # the run's own base and data by default
+        run_dir = ns.get("run_dir", file_values.get("run_dir", _DEFAULTS.run_dir))
+        file_values = {**run_settings(run_dir), **file_values}
     return resolve(command, file_values, ns), debug
+
+
+# What eval / sample / export take from the run's run.json (the model, the data, and what
+# shapes its adapters and optimizer state).
+INHERITED = (
+    "base",
+    "tokenizer",
+    "cache_dir",
+    "data",
+    "eval_data",
+    "seq_len",
+    "dtype",
+    "scan_layers",
+    "rank",
+    "alpha",
+    "targets",
+    "dropout",
+    "rslora",
+    "clip_norm",
+)
+
+
+def run_settings(run_dir: str) -> dict[str, Any]:
+    """The model and data settings a finished run recorded (``run.json``), if any.
+
+    Example:
+        >>> run_settings("/nonexistent")
+        {}
+    """
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is damaged ({err}); pass the settings as flags.") from None
+    return {k: record[k] for k in INHERITED if k in record}
 
 
 def _prepare_devices(s: Settings) -> None:
@@ -205,8 +255,8 @@ def _prepare_devices(s: Settings) -> None:
     if not jax.config.jax_compilation_cache_dir:  # type: ignore[attr-defined]  # reuse compiled steps across runs
         jax.config.update("jax_compilation_cache_dir", os.path.join(s.cache_dir, "xla"))
     if s.num_processes > 1:
-        if jax.default_backend() == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU collectives across processes (only the CPU backend reads this setting).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             s.coordinator, num_processes=s.num_processes, process_id=s.process_id
         )

@@ -21,7 +21,15 @@ import lora_jax as lj
 from train import corpora
 from train.base import Base, builtin_folder, cast, load_base, save_base
 from train.evaluation import eval_loss, make_eval_fn
-from train.finetune import ADAPTER, LoraResult, lora_logits_fn, run_lora
+from train.finetune import (
+    ADAPTER,
+    CHECKPOINTS,
+    LoraResult,
+    lora_config,
+    lora_logits_fn,
+    new_state,
+    run_lora,
+)
 from train.full import train_full
 from train.models import PRESETS, Llama, init_cache
 from train.models.hf import save_pretrained
@@ -50,7 +58,7 @@ def builtin_recipe() -> dict[str, Any]:
 def ensure_base(s: Settings, out: TextIO) -> Base:
     """Loads the run's base, pretraining and caching the built-in one the first time."""
     if s.base != "tiny":
-        return load_base(s.base, dtype=s.dtype, tokenizer=s.tokenizer)
+        return load_base(s.base, dtype=s.dtype, tokenizer=s.tokenizer, scan_layers=s.scan_layers)
     recipe = builtin_recipe()
     folder = builtin_folder(s.cache_dir, recipe)
     if not folder.exists():
@@ -67,7 +75,7 @@ def ensure_base(s: Settings, out: TextIO) -> Base:
             cache_dir=s.cache_dir,
         )
         pretrain(pre, out)
-    return load_base(folder, dtype=s.dtype, tokenizer=s.tokenizer)
+    return load_base(folder, dtype=s.dtype, tokenizer=s.tokenizer, scan_layers=s.scan_layers)
 
 
 def pretrain(s: Settings, out: TextIO) -> dict[str, Any]:
@@ -176,18 +184,36 @@ def _adapter_dir(s: Settings) -> pathlib.Path:
 
 
 def _load_adapter(s: Settings, base: Base) -> tuple[lj.LoraConfig, Any, Any]:
+    """The run's adapter: ``adapter/`` (or ``--adapter``), else its latest checkpoint."""
     folder = _adapter_dir(s)
-    if not (folder / lj.METADATA_FILE).exists():
-        raise UserError(
-            f"no adapter in {folder} (missing {lj.METADATA_FILE}); finish a `finetune` run "
-            "there, or pass --adapter DIR."
-        )
+    checkpoints = pathlib.Path(s.run_dir) / CHECKPOINTS
     try:
-        lora, config = lj.load_adapter(folder, base.variables)
+        if (folder / lj.METADATA_FILE).exists():
+            lora, config = lj.load_adapter(folder, base.variables)
+        elif not s.adapter and checkpoints.is_dir() and any(checkpoints.iterdir()):
+            config = lora_config(s)
+            with lj.CheckpointManager(checkpoints, config) as mgr:
+                state, _ = mgr.restore(new_state(s, base)[1], frozen=base.variables)
+            lora = state.lora
+        else:
+            raise UserError(
+                f"no adapter in {folder} (missing {lj.METADATA_FILE}) and no checkpoints in "
+                f"{checkpoints}; finish a `finetune` run there, or pass --adapter DIR."
+            )
+    except UserError:
+        raise
     except ValueError as err:
         raise UserError(str(err)) from None
-    frozen = base.variables  # the app trains with the default init: the base is unchanged
-    return config, frozen, lora
+    return config, base.variables, lora  # the app trains with the default init: base as is
+
+
+def _has_adapter(s: Settings) -> bool:
+    checkpoints = pathlib.Path(s.run_dir) / CHECKPOINTS
+    return (
+        bool(s.adapter)
+        or (_adapter_dir(s) / lj.METADATA_FILE).exists()
+        or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+    )
 
 
 def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
@@ -204,9 +230,16 @@ def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
     result = run_lora(s, base, train_set, evals, placement, out if main else None)
     report: dict[str, Any] = {"base_eval_loss": base_loss, **_lora_report(result)}
     run_dir = pathlib.Path(s.run_dir).absolute()
-    if main:
+    if jax.process_count() == 1:
         lj.save_adapter(run_dir / ADAPTER, result.lora, result.config, overwrite=True)
         report["adapter_bytes_on_disk"] = _folder_bytes(run_dir / ADAPTER)
+    elif main:  # save_adapter is single-process; the last checkpoint holds the adapter
+        print(
+            f"Multi-process run: the adapter is in {run_dir / CHECKPOINTS}/{s.steps}; "
+            f"`python -m train export --run-dir {run_dir} --lora-out DIR` writes it as a "
+            "standalone adapter.",
+            file=out,
+        )
     if s.compare_full:
         with Reporter(
             None, total=s.steps, start=0, progress=s.progress, desc="full", stream=out, enabled=main
@@ -266,6 +299,13 @@ def _folder_bytes(folder: pathlib.Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+def _adapter_line(r: dict[str, Any]) -> str:
+    arrays = f"{r['adapter_bytes'] / 1024:,.0f} KiB of A/B"
+    if "adapter_bytes_on_disk" not in r:
+        return f"{arrays}, in the last checkpoint"
+    return f"{r['adapter_bytes_on_disk'] / 1024:,.0f} KiB on disk ({arrays})"
+
+
 def _format_report(s: Settings, base: Base, r: dict[str, Any], run_dir: pathlib.Path) -> str:
     loss = f"base {r['base_eval_loss']:.3f} -> LoRA {r['lora_eval_loss']:.3f}"
     if r.get("full_eval_loss") is not None:
@@ -280,8 +320,7 @@ def _format_report(s: Settings, base: Base, r: dict[str, Any], run_dir: pathlib.
         f"Eval loss         {loss}  (nats/token on held-out {', '.join(s.eval_data or s.data)})",
         f"Trainable         {r['trainable_params']:,} of {r['base_params']:,} parameters "
         f"({100 * r['trainable_share']:.2f}%), rank {s.rank} on {s.targets}",
-        f"Adapter           {r.get('adapter_bytes_on_disk', 0) / 1024:,.0f} KiB on disk "
-        f"({r['adapter_bytes'] / 1024:,.0f} KiB of A/B)",
+        f"Adapter           {_adapter_line(r)}",
         f"Tokens/s          {speed}",
         f"Time              {r['seconds']:.0f} s in all, LoRA training {r['train_seconds']:.0f} s",
         f"Sample            prompt {s.prompt!r}",
@@ -300,7 +339,7 @@ def evaluate(s: Settings, out: TextIO) -> dict[str, Any]:
     model = Llama(base.config)
     result = {"base_eval_loss": eval_loss(make_eval_fn(model.apply), base.variables, evals)}
     line = f"eval loss: base {result['base_eval_loss']:.4f}"
-    if s.adapter or (_adapter_dir(s) / lj.METADATA_FILE).exists():
+    if _has_adapter(s):
         config, frozen, lora = _load_adapter(s, base)
         fn = make_eval_fn(lora_logits_fn(model, config))
         result["lora_eval_loss"] = eval_loss(fn, (frozen, lora), evals)
@@ -312,8 +351,7 @@ def evaluate(s: Settings, out: TextIO) -> dict[str, Any]:
 def sample(s: Settings, out: TextIO) -> dict[str, Any]:
     """``python -m train sample``: continue ``--prompt`` with the base and the adapter."""
     base = ensure_base(s, out)
-    adapted = s.adapter or (_adapter_dir(s) / lj.METADATA_FILE).exists()
-    config, frozen, lora = _load_adapter(s, base) if adapted else (None, None, None)
+    config, frozen, lora = _load_adapter(s, base) if _has_adapter(s) else (None, None, None)
     samples = _sample_pair(s, base, config, frozen, lora)
     for name, text in samples.items():
         print(f"--- {name}{' (merged)' if name == 'adapted' and s.merged else ''}:", file=out)

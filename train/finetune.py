@@ -80,6 +80,20 @@ def _loss_fn(model: Llama, config: lj.LoraConfig) -> Any:
     return loss_fn
 
 
+def new_state(s: Settings, base: Base) -> tuple[tuple[Any, Any], lj.TrainState, Any]:
+    """``((frozen, lora), state, optimizer)`` of a fresh run (also the restore target)."""
+    config = lora_config(s)
+    key_split, key_state = jax.random.split(jax.random.key(s.seed))
+    layouts = _layouts(Llama(base.config), base.variables, s.seq_len)
+    frozen, lora = lj.split(base.variables, config, key=key_split, layouts=layouts)
+    optimizer = make_optimizer(
+        schedule(s.lr, steps=s.steps, warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio),
+        weight_decay=s.weight_decay,
+        clip_norm=s.clip_norm,
+    )
+    return (frozen, lora), lj.TrainState.create(lora, optimizer, key=key_state), optimizer
+
+
 def _check_resume(run_dir: pathlib.Path, s: Settings) -> None:
     path = run_dir / RUN_FILE
     if not path.exists():
@@ -140,15 +154,7 @@ def run_lora(
     run_dir = pathlib.Path(s.run_dir).absolute()
     model = Llama(base.config)
     config = lora_config(s)
-    key_split, key_state = jax.random.split(jax.random.key(s.seed))
-    layouts = _layouts(model, base.variables, s.seq_len)
-    frozen, lora = lj.split(base.variables, config, key=key_split, layouts=layouts)
-    optimizer = make_optimizer(
-        schedule(s.lr, steps=s.steps, warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio),
-        weight_decay=s.weight_decay,
-        clip_norm=s.clip_norm,
-    )
-    state = lj.TrainState.create(lora, optimizer, key=key_state)
+    (frozen, lora), state, optimizer = new_state(s, base)
     loader = make_loader(
         train_packed,
         batch_size=s.batch_size // jax.process_count(),
@@ -170,7 +176,7 @@ def run_lora(
         )
     if latest is not None:
         _check_resume(run_dir, s)
-        state, position = mgr.restore(state, frozen=frozen)
+        state, position = mgr.restore(placement.restore_target(state), frozen=frozen)
         loader.set_state(position["loader"])
         start = int(state.step)
     if main:
@@ -223,22 +229,20 @@ def run_lora(
                 rep.log(step, "train", loss=loss, lr=lr, tokens=tokens_per_step * len(window))
                 window = []
             if step % s.eval_every == 0 or step == s.steps:
-                host = placement.host_state(placed)
-                last_eval = eval_loss(eval_fn, (frozen_eval, host.lora), eval_sets)
+                lora_now = placement.host_lora(placed)
+                last_eval = eval_loss(eval_fn, (frozen_eval, lora_now), eval_sets)
                 rep.log(step, "eval", loss=last_eval)
                 tick = time.perf_counter()
             if step % s.save_every == 0 or step == s.steps:
-                host = placement.host_state(placed)
                 mgr.save(
                     step,
-                    host,
+                    placement.checkpoint_state(placed),
                     data_position={"loader": loader.get_state()},
                     force=step == s.steps,
                 )
         mgr.wait_until_finished()
     mgr.close()
-    host = placement.host_state(placed)
-    final_lora = jax.device_get(host.lora)
+    final_lora = placement.host_lora(placed)
     return LoraResult(
         config=config,
         frozen=frozen,

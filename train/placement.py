@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lora_jax as lj
 from train.settings import Settings, UserError
@@ -35,8 +35,14 @@ class Placement:
     mesh: Mesh | None = None
 
     def state(self, state: lj.TrainState) -> Any:
-        """The state as the step takes it (pmap: replicated; others: as is)."""
-        return lj.replicate(state, self.devices) if self.strategy == "pmap" else state
+        """The state as the step takes it: pmap replicated per device; mesh placed
+        (replicated) on the mesh, so checkpoints save and restore it as global arrays."""
+        if self.strategy == "pmap":
+            return lj.replicate(state, self.devices)
+        if self.strategy == "mesh" and self.mesh is not None:
+            everywhere = NamedSharding(self.mesh, PartitionSpec())
+            return lj.place(state, jax.tree.map(lambda _: everywhere, state))
+        return state
 
     def frozen(self, frozen: Any, lora: Any) -> Any:
         """The base as the step takes it, placed once (never copied again per step)."""
@@ -50,13 +56,18 @@ class Placement:
         """This process's batch as the step takes it (pmap: split over local devices)."""
         return lj.shard_batch(batch, len(self.devices)) if self.strategy == "pmap" else batch
 
-    def host_state(self, state: Any) -> lj.TrainState:
-        """One plain copy of the state, for checkpoints and evaluation."""
-        if self.strategy == "pmap":
-            return lj.unreplicate(state)
-        if self.strategy == "mesh":
-            return jax.tree.map(_local_copy, state)
-        return state
+    def restore_target(self, state: lj.TrainState) -> lj.TrainState:
+        """Where a restored state should land: on the mesh for mesh, else as it is."""
+        return self.state(state) if self.strategy == "mesh" else state
+
+    def checkpoint_state(self, state: Any) -> lj.TrainState:
+        """The state to checkpoint: one copy for pmap, the global arrays for mesh."""
+        return lj.unreplicate(state) if self.strategy == "pmap" else state
+
+    def host_lora(self, state: Any) -> Any:
+        """The adapters as NumPy arrays on this process (they are replicated)."""
+        lora = lj.unreplicate(state).lora if self.strategy == "pmap" else state.lora
+        return jax.tree.map(_local_copy, lora)
 
     def metrics(self, metrics: Any) -> Any:
         """Metrics as one value each (pmap returns one per device, all equal)."""
@@ -67,13 +78,10 @@ class Placement:
         return frozen_placed if self.strategy == "mesh" else frozen_host
 
 
-def _local_copy(x: Any) -> Any:
+def _local_copy(x: Any) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = jax.random.key_data(x)
-            return jax.random.wrap_key_data(data.addressable_data(0))
         return np.asarray(x.addressable_data(0))  # replicated: every process has it all
-    return x
+    return np.asarray(x)
 
 
 def make_placement(s: Settings) -> Placement:
@@ -104,6 +112,11 @@ def make_placement(s: Settings) -> Placement:
             )
         return Placement("jit", (local[0],))
     if s.strategy == "pmap":
+        if jax.process_count() > 1:
+            raise UserError(
+                "multi-process runs of the app use --strategy mesh (the library's pmap step "
+                "works across processes, but the app checkpoints global mesh arrays)."
+            )
         n = s.devices or len(local)
         if n != len(local):
             raise UserError(
