@@ -10,8 +10,9 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from train import data
-from train.data import Document, Packed
+from train import data, sources
+from train.data import Packed
+from train.sources import Document
 from train.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 SENTENCES = [
@@ -185,7 +186,7 @@ def test_prompt_tokens_and_bos_carry_no_loss():
 
 def test_pack_errors(tmp_path):
     (tmp_path / "short.txt").write_text("tiny")
-    docs = data.load_documents(tmp_path / "short.txt")
+    docs = sources.load_documents(tmp_path / "short.txt")
     with pytest.raises(ValueError, match=r"1 document\(s\) from .*short\.txt give 6 tokens.*= 65"):
         data.pack_documents(docs, ByteTokenizer(), seq_len=64)
     with pytest.raises(ValueError, match="seq_len must be a positive int; got 0"):
@@ -208,7 +209,7 @@ def test_jsonl_text_and_prompt_completion(tmp_path):
         {"text": "line\u2028separator inside a string"},
     ]
     path.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n\n")
-    docs = data.load_documents(path)
+    docs = sources.load_documents(path)
     assert docs == [
         Document("plain text", source=str(path)),
         Document(" 4", prompt="Q: 2+2?", source=str(path)),
@@ -230,7 +231,7 @@ def test_malformed_jsonl_line_is_named(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n\n' + line + "\n")
     with pytest.raises(ValueError, match=rf"bad\.jsonl:3: .*{message}"):
-        data.load_documents(path)
+        sources.load_documents(path)
 
 
 def test_folders_are_read_recursively_in_sorted_order(tmp_path):
@@ -242,39 +243,39 @@ def test_folders_are_read_recursively_in_sorted_order(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / ".git").mkdir()
     (tmp_path / ".git" / "HEAD").write_text("ref: hidden")
-    corpus = data.load_corpus([tmp_path])
+    corpus = sources.load_corpus([tmp_path])
     assert [d.text for d in corpus.documents] == ["first", "x = 1", "zed", "c"]
     assert len(corpus.skipped) == 3 and len(corpus.files) == 4
-    assert data.load_corpus(str(tmp_path)) == corpus
+    assert sources.load_corpus(str(tmp_path)) == corpus
     packed = data.pack_documents(corpus.documents, ByteTokenizer(), seq_len=4)
     assert data.data_summary(packed, corpus)["skipped_files"] == 3
 
 
 def test_nothing_usable_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"'.*nope' does not exist; expected a UTF-8 text file"):
-        data.load_documents([tmp_path / "nope"])
+        sources.load_documents([tmp_path / "nope"])
     (tmp_path / "blob.bin").write_bytes(b"\xff\xfe\x00\x01")
     with pytest.raises(ValueError, match=r"no usable text in .*1 file\(s\) found"):
-        data.load_documents(tmp_path)
+        sources.load_documents(tmp_path)
     (tmp_path / "blob.jsonl").write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match=r"blob\.jsonl: a \.jsonl file must be UTF-8"):
-        data.load_documents(tmp_path / "blob.jsonl")
+        sources.load_documents(tmp_path / "blob.jsonl")
 
 
 def test_builtin_corpora():
-    topics = data.pydoc_topics()
+    topics = sources.pydoc_topics()
     assert len(topics) > 50 and all(isinstance(t, str) for t in topics)
     assert sum(len(t) for t in topics) > 300_000
-    train, held_out = data.stdlib_code_files("train"), data.stdlib_code_files("eval")
-    assert train == data.stdlib_code_files("train")  # deterministic
+    train, held_out = sources.stdlib_code_files("train"), sources.stdlib_code_files("eval")
+    assert train == sources.stdlib_code_files("train")  # deterministic
     assert held_out and not set(train) & set(held_out)
     assert 0.02 < len(held_out) / (len(train) + len(held_out)) < 0.10
     for path in train + held_out:
         assert path.suffix == ".py" and not path.name.startswith("test_")
         assert not {"test", "tests", "idle_test", "site-packages"} & set(path.parts)
     with pytest.raises(ValueError, match="split must be 'train' or 'eval'; got 'val'"):
-        data.stdlib_code_files("val")
-    packed = data.pack_documents(data.load_documents(held_out), ByteTokenizer(), seq_len=128)
+        sources.stdlib_code_files("val")
+    packed = data.pack_documents(sources.load_documents(held_out), ByteTokenizer(), seq_len=128)
     assert packed.num_windows > 1000
 
 

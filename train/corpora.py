@@ -18,17 +18,9 @@ import jax
 import numpy as np
 
 from train.base import Base
-from train.data import (
-    Document,
-    Packed,
-    eval_batches,
-    load_documents,
-    make_loader,
-    pack_documents,
-    pydoc_topics,
-    stdlib_code_files,
-)
+from train.data import Packed, eval_batches, make_loader, pack_documents
 from train.settings import Settings, UserError
+from train.sources import Document, load_documents, pydoc_topics, stdlib_code_files
 from train.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [

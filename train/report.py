@@ -207,9 +207,8 @@ def plot_losses(
         points.sort()
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker="o" if split != "train" else None, label=f"{split} loss")
-    for label, value in (references or {}).items():
-        ax.axhline(value, linestyle="--", color="gray", linewidth=1)
-        ax.annotate(label, (0, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for (label, value), style in zip((references or {}).items(), ("--", ":", "-."), strict=False):
+        ax.axhline(value, linestyle=style, color="gray", linewidth=1, label=f"{label}: {value:.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(title)
