@@ -445,3 +445,21 @@ def test_console_script_is_installed():
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lora-jax-train"]
     assert script.load() is main
+
+
+def test_sampling_settings_are_checked_before_training(base_dir, code_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    err = _error(
+        capsys,
+        "--base",
+        str(base_dir),
+        "--data",
+        str(code_dir),
+        "--run-dir",
+        str(run_dir),
+        "--max-new-tokens",
+        "600",
+        *FAST,
+    )
+    assert "--max-new-tokens 600" in err and not run_dir.exists()
+    assert "max_new_tokens" in _error(capsys, "--max-new-tokens", "0", *FAST)

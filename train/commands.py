@@ -131,18 +131,24 @@ def pretrain(s: Settings, out: TextIO) -> dict[str, Any]:
     return info
 
 
+def _sample_shape(s: Settings, base: Base) -> tuple[jax.Array, int]:
+    """The prompt's ids and the cache length; checked before any training starts."""
+    prompt = corpora.encode_prompt(base.tokenizer, s.prompt)
+    length = prompt.shape[1] + s.max_new_tokens
+    if length > base.config.max_seq_len:
+        raise UserError(
+            f"--prompt ({prompt.shape[1]} tokens) + --max-new-tokens {s.max_new_tokens} exceed "
+            f"the model's {base.config.max_seq_len} positions; lower --max-new-tokens."
+        )
+    return prompt, length
+
+
 def _sample_pair(
     s: Settings, base: Base, config: lj.LoraConfig | None, frozen: Any, lora: Any
 ) -> dict[str, str]:
     """A sample for the same prompt from the base and (if given) the adapted model."""
     model = Llama(base.config)
-    prompt = corpora.encode_prompt(base.tokenizer, s.prompt)
-    length = prompt.shape[1] + s.max_new_tokens
-    if length > base.config.max_seq_len:
-        raise UserError(
-            f"prompt ({prompt.shape[1]} tokens) + --max-new-tokens {s.max_new_tokens} exceed "
-            f"the model's {base.config.max_seq_len} positions."
-        )
+    prompt, length = _sample_shape(s, base)
     kwargs: dict[str, Any] = dict(
         max_new_tokens=s.max_new_tokens,
         key=jax.random.key(s.seed),
@@ -222,6 +228,7 @@ def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
     placement = make_placement(s)
     base = ensure_base(s, out)
     corpora.check_seq_len(s, base)
+    _sample_shape(s, base)  # a bad sampling setting fails now, not after training
     train_set, eval_set = corpora.load_splits(s, base.tokenizer)
     evals = corpora.eval_sets(s, eval_set)
     model = Llama(base.config)

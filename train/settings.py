@@ -132,6 +132,7 @@ _POSITIVE = (
     "rank",
     "accum_steps",
     "num_processes",
+    "max_new_tokens",
 )
 
 
