@@ -6,7 +6,7 @@
 `split` makes ``(frozen, lora)``, `lora_apply` runs the model with the low-rank path
 computed factored, `merge`/`unmerge` fold adapters in and out, `summary` describes them,
 `make_train_step` trains them (jit, pmap or mesh), `save_adapter`/`CheckpointManager`
-write them with orbax.
+write them with orbax, `export_peft`/`import_peft` exchange them with HuggingFace PEFT.
 """
 
 from lora_jax.adapter_io import METADATA_FILE, load_adapter, save_adapter
@@ -24,7 +24,9 @@ from lora_jax.distributed import (
 from lora_jax.infer import infer_layouts
 from lora_jax.layout import Layout
 from lora_jax.merge import merge, unmerge
+from lora_jax.module_map import ModuleMap, ModuleRule
 from lora_jax.optim import lora_mask, loraplus, masked
+from lora_jax.peft import export_peft, import_peft
 from lora_jax.split import select_targets, split
 from lora_jax.summary import Summary, summary
 from lora_jax.training import STRATEGIES, TrainState, make_train_step
@@ -40,11 +42,15 @@ __all__ = [
     "LoraWeights",
     "METADATA_FILE",
     "MeshShardings",
+    "ModuleMap",
+    "ModuleRule",
     "PRESETS",
     "STRATEGIES",
     "Summary",
     "TrainState",
     "delta",
+    "export_peft",
+    "import_peft",
     "infer_layouts",
     "load_adapter",
     "lora_apply",

@@ -181,7 +181,7 @@ def test_export_merged_loads_in_transformers(run_dir, hf_folder, tmp_path, capsy
     out = tmp_path / "merged"
     argv = ["export", "--base", str(hf_folder), "--run-dir", str(run_dir), "--merged-out", str(out)]
     assert main(argv) == 0
-    assert f"wrote the merged to {out}" in capsys.readouterr().out
+    assert f"wrote the merged weights to {out}" in capsys.readouterr().out
     assert (out / "tokenizer.json").read_bytes() == (hf_folder / "tokenizer.json").read_bytes()
     assert (out / "tokenizer_config.json").is_file()
     model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
@@ -196,6 +196,30 @@ def test_export_merged_loads_in_transformers(run_dir, hf_folder, tmp_path, capsy
     ours = np.asarray(apply(variables, lora, jnp.asarray(ids)))
     base = np.asarray(jax.jit(Llama(config).apply)(variables, jnp.asarray(ids)))
     assert np.abs(ours - base).max() > 1e-3  # the adapters moved the model
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_export_peft_loads_in_peft(run_dir, hf_folder, tmp_path):
+    """`export --peft-out` writes what peft.PeftModel loads, with our logits."""
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "peft"
+    argv = ["export", "--base", str(hf_folder), "--run-dir", str(run_dir), "--peft-out", str(out)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_folder, attn_implementation="eager"
+    )
+    model = peft.PeftModel.from_pretrained(base_model, out).eval()
+    ids = np.random.default_rng(1).integers(0, base_model.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids)).logits.float().numpy()
+    config, variables = from_pretrained(hf_folder)
+    lora, lora_config = lj.load_adapter(run_dir / "adapter")
+    ours = np.asarray(lj.lora_apply(Llama(config).apply, lora_config)(variables, lora, ids))
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
 
 

@@ -34,21 +34,24 @@ commands (finetune is the default):
   pretrain   train the built-in tiny base model from scratch (all weights)
   eval       eval loss of the base, and of the run's adapter if it has one
   sample     continue --prompt with the base and the adapted model (KV cache)
-  export     write the adapter (--lora-out) or merged weights as a HF folder (--merged-out)
+  export     write the adapter (--lora-out), a PEFT adapter (--peft-out), or merged
+             weights as a HuggingFace folder (--merged-out)
 
 examples:
   python -m train                                   # the built-in demo (a few minutes, CPU)
   python -m train finetune --base ~/models/SmolLM2-135M --data notes/ --steps 500
   python -m train finetune --config run.yaml --lr 1e-3   # flags override the file
   python -m train sample --run-dir runs/finetune --prompt "def parse(" --temperature 0.8
+  python -m train export --run-dir runs/finetune --peft-out runs/peft   # PEFT loads it
   python -m train finetune --strategy mesh --devices 4   # 4 simulated CPU devices
 """
 
 
-def _opt(group: Any, flag: str, field: str, help: str, **kw: Any) -> None:
+def _opt(group: Any, flag: str | tuple[str, ...], field: str, help: str, **kw: Any) -> None:
     default = getattr(_DEFAULTS, field)
     shown = f" (default: {default})" if default not in (None, (), False) else ""
-    group.add_argument(flag, dest=field, help=help + shown, default=argparse.SUPPRESS, **kw)
+    flags = (flag,) if isinstance(flag, str) else flag
+    group.add_argument(*flags, dest=field, help=help + shown, default=argparse.SUPPRESS, **kw)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -159,6 +162,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     ex = p.add_argument_group("export")
     _opt(ex, "--lora-out", "out_adapter", "write the adapter (lora_jax format) here")
     _opt(ex, "--merged-out", "out_merged", "write merged weights as a HF checkpoint folder")
+    _opt(
+        ex,
+        ("--peft-out", "--peft"),
+        "out_peft",
+        "write a HuggingFace PEFT adapter (adapter_config.json + safetensors) here",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

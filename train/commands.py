@@ -32,7 +32,8 @@ from train.finetune import (
 )
 from train.full import train_full
 from train.models import PRESETS, Llama, init_cache
-from train.models.hf import save_pretrained
+from train.models.export import export_merged
+from train.models.peft_map import module_map
 from train.placement import make_placement
 from train.report import PLOT_FILE, Reporter, plot_losses, read_metrics
 from train.sampling import generate
@@ -367,21 +368,31 @@ def sample(s: Settings, out: TextIO) -> dict[str, Any]:
 
 
 def export(s: Settings, out: TextIO) -> dict[str, Any]:
-    """``python -m train export``: the adapter (``--lora-out``) or merged weights
-    as a HuggingFace folder (``--merged-out``)."""
-    if not (s.out_adapter or s.out_merged):
-        raise UserError("export needs --lora-out DIR and/or --merged-out DIR.")
+    """``python -m train export``: the adapter in our format (``--lora-out``), as a
+    HuggingFace PEFT adapter (``--peft-out``), or merged into a HuggingFace checkpoint
+    folder (``--merged-out``)."""
+    if not (s.out_adapter or s.out_merged or s.out_peft):
+        raise UserError("export needs --lora-out DIR, --peft-out DIR and/or --merged-out DIR.")
     base = ensure_base(s, out)
     config, frozen, lora = _load_adapter(s, base)
     written = {}
     if s.out_adapter:
         lj.save_adapter(s.out_adapter, lora, config, overwrite=True)
         written["adapter"] = s.out_adapter
+    if s.out_peft:
+        pathlib.Path(s.out_peft).mkdir(parents=True, exist_ok=True)
+        lj.export_peft(
+            s.out_peft,
+            lora,
+            config,
+            module_map=module_map(base.config),
+            base_model_name_or_path=base.source,
+        )
+        written["PEFT adapter"] = s.out_peft
     if s.out_merged:
-        merged = lj.merge(frozen, lora, config)
-        save_pretrained(s.out_merged, base.config, merged, dtype=s.dtype)
+        export_merged(s.out_merged, base.config, frozen, lora, config)
         corpora.copy_tokenizer_files(base, pathlib.Path(s.out_merged))
-        written["merged"] = s.out_merged
+        written["merged weights"] = s.out_merged
     for kind, path in written.items():
         print(f"wrote the {kind} to {path}", file=out)
     return written

@@ -99,6 +99,7 @@ class Settings:
     # Export.
     out_adapter: str | None = None
     out_merged: str | None = None
+    out_peft: str | None = None
 
     def __post_init__(self) -> None:
         _check(self)
