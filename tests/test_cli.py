@@ -463,3 +463,16 @@ def test_sampling_settings_are_checked_before_training(base_dir, code_dir, tmp_p
     )
     assert "--max-new-tokens 600" in err and not run_dir.exists()
     assert "max_new_tokens" in _error(capsys, "--max-new-tokens", "0", *FAST)
+
+
+def test_runs_get_their_own_folder_and_sample_finds_the_latest(
+    base_dir, code_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    common = ["--base", str(base_dir), "--data", str(code_dir), "--steps", "2", *FAST]
+    assert run(*common, "--eval-batches", "1", "--max-new-tokens", "4") == 0
+    (first,) = (tmp_path / "runs").iterdir()
+    assert first.name.startswith("finetune-") and (first / "adapter").is_dir()
+    capsys.readouterr()
+    assert run("sample", "--max-new-tokens", "4", "--temperature", "0") == 0  # no flags needed
+    assert "--- adapted" in capsys.readouterr().out

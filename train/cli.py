@@ -10,9 +10,11 @@ runs a subcommand, and turns user mistakes into one line on stderr and exit stat
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +51,7 @@ examples:
 
 def _opt(group: Any, flag: str | tuple[str, ...], field: str, help: str, **kw: Any) -> None:
     default = getattr(_DEFAULTS, field)
-    shown = f" (default: {default})" if default not in (None, (), False) else ""
+    shown = f" (default: {default})" if default not in (None, (), False, "runs/finetune") else ""
     flags = (flag,) if isinstance(flag, str) else flag
     group.add_argument(*flags, dest=field, help=help + shown, default=argparse.SUPPRESS, **kw)
 
@@ -91,7 +93,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     _opt(m, "--dtype", "dtype", "weights and compute dtype", choices=["float32", "bfloat16"])
     r = p.add_argument_group("run")
-    _opt(r, "--run-dir", "run_dir", "folder for checkpoints, metrics.jsonl, loss.png, adapter/")
+    _opt(
+        r,
+        "--run-dir",
+        "run_dir",
+        "folder for checkpoints, metrics.jsonl, loss.png, adapter/ "
+        "(default: a new runs/<command>-<time>; eval/sample/export/--resume: the latest "
+        "runs/finetune-*)",
+    )
     _opt(
         r,
         "--resume",
@@ -208,10 +217,32 @@ def parse(argv: Sequence[str]) -> tuple[Settings, bool]:
     ns = vars(build_parser().parse_args(args))
     command, config_file, debug = ns.pop("command"), ns.pop("config", None), ns.pop("debug")
     file_values = read_config_file(config_file) if config_file else {}
+    if "run_dir" not in ns and "run_dir" not in file_values:
+        if ns.get("num_processes", file_values.get("num_processes", 1)) > 1:
+            raise UserError("multi-process runs need the same --run-dir in every process.")
+        ns["run_dir"] = default_run_dir(command, bool(ns.get("resume")))
     if command in ("eval", "sample", "export"):  # the run's own base and data by default
-        run_dir = ns.get("run_dir", file_values.get("run_dir", _DEFAULTS.run_dir))
+        run_dir = str(ns.get("run_dir", file_values.get("run_dir")))
         file_values = {**run_settings(run_dir), **file_values}
     return resolve(command, file_values, ns), debug
+
+
+def default_run_dir(command: str, resume: bool, root: str = "runs") -> str:
+    """A new ``runs/<command>-<time>`` folder, or the latest finetune run to resume or use.
+
+    Example:
+        >>> default_run_dir("pretrain", False).startswith("runs/pretrain-")
+        True
+    """
+    if command in ("finetune", "pretrain") and not resume:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        folder, n = f"{root}/{command}-{stamp}", 1
+        while os.path.exists(folder):
+            n += 1
+            folder = f"{root}/{command}-{stamp}-{n}"
+        return folder
+    runs = sorted(glob.glob(f"{root}/finetune-*/run.json"), key=os.path.getmtime)
+    return os.path.dirname(runs[-1]) if runs else f"{root}/finetune"
 
 
 # What eval / sample / export take from the run's run.json (the model, the data, and what

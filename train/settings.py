@@ -109,7 +109,6 @@ class Settings:
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {
         "data": ("pydoc",),
-        "run_dir": "runs/pretrain",
         "steps": 300,
         "batch_size": 16,
         "seq_len": 128,
