@@ -18,7 +18,7 @@ import pytest
 import lora_jax as lj
 from train import report
 from train.cli import main
-from train.models import Llama, from_pretrained
+from train.models import PRESETS, Llama, from_pretrained
 
 FAST = ["--seq-len", "32", "--batch-size", "8", "--no-progress", "--log-every", "2"]
 
@@ -32,12 +32,14 @@ def base_dir(tmp_path_factory) -> pathlib.Path:
     folder = tmp_path_factory.mktemp("base") / "tiny"
     code = run(
         "pretrain",
+        "--base",
+        "micro",
         "--data",
         "pydoc",
         "--steps",
-        "30",
+        "60",
         "--eval-every",
-        "30",
+        "60",
         "--run-dir",
         str(folder),
         *FAST,
@@ -90,6 +92,8 @@ def test_finetune_end_to_end(base_dir, code_dir, tmp_path, capsys):
             "16",
             "--lr",
             "1e-2",
+            "--warmup-steps",
+            "2",
             "--eval-every",
             "8",
             "--save-every",
@@ -100,7 +104,7 @@ def test_finetune_end_to_end(base_dir, code_dir, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["lora_eval_loss"] < summary["base_eval_loss"] - 0.05  # the loss falls
+    assert summary["lora_eval_loss"] < summary["base_eval_loss"] - 0.01  # the loss falls
     assert summary["full_eval_loss"] < summary["base_eval_loss"]
     assert 0 < summary["trainable_share"] < 0.2
     assert summary["adapter_bytes_on_disk"] > summary["adapter_bytes"]
@@ -257,6 +261,7 @@ def test_builtin_base_is_pretrained_once_and_cached(code_dir, tmp_path, monkeypa
 
     small = dict(settings.COMMAND_DEFAULTS["pretrain"], steps=4, batch_size=4, seq_len=32)
     monkeypatch.setitem(settings.COMMAND_DEFAULTS, "pretrain", small)
+    monkeypatch.setitem(PRESETS, "tiny", PRESETS["micro"])
     common = (
         "--cache-dir",
         str(tmp_path / "cache"),

@@ -80,10 +80,13 @@ def ensure_base(s: Settings, out: TextIO) -> Base:
 
 
 def pretrain(s: Settings, out: TextIO) -> dict[str, Any]:
-    """``python -m train pretrain``: trains the tiny model from scratch; writes a base folder."""
-    config = PRESETS["tiny"] if s.base == "tiny" else None
+    """``python -m train pretrain``: trains a preset model (``--base tiny`` or ``micro``) from
+    scratch and writes a base folder."""
+    config = PRESETS.get(s.base)
     if config is None:
-        raise UserError(f"pretrain builds the `tiny` preset; --base {s.base!r} is not a preset.")
+        raise UserError(
+            f"pretrain builds a preset model ({', '.join(PRESETS)}); --base {s.base!r} is not one."
+        )
     if s.seq_len > config.max_seq_len:
         raise UserError(f"--seq-len {s.seq_len} exceeds the model's {config.max_seq_len}.")
     tok = corpora.tokenizer_for(s, default="byte")

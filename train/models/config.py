@@ -213,4 +213,15 @@ PRESETS: dict[str, LlamaConfig] = {
         max_seq_len=512,
         tie_embeddings=False,
     ),
+    # Two layers of the same width: fast to compile, for tests and smoke runs.
+    "micro": LlamaConfig(
+        vocab_size=258,
+        hidden_size=64,
+        intermediate_size=192,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=512,
+        tie_embeddings=False,
+    ),
 }
