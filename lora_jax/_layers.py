@@ -2,7 +2,9 @@
 
 For each supported (layer, method) pair, `site` reads the module and its input and
 returns the kernel it uses, that kernel's `Layout`, and a function computing the
-low-rank update ``scale * ((x @ a) @ b)`` without ever forming ``a @ b``.
+low-rank update ``scale * ((x @ a) @ b)`` without ever forming ``a @ b``; and, for mixed
+batches, one computing ``scale[i] * ((x[i] @ a[rows[i]]) @ b[rows[i]])`` for each example i
+from k stacked adapters (the factors are gathered per example, never multiplied out).
 Anything else returns None and is served by the merged path.
 """
 
@@ -20,6 +22,9 @@ import jax.numpy as jnp
 from lora_jax.layout import Layout
 
 Delta = Callable[[jax.Array, jax.Array, jax.Array, float], jax.Array]
+# (x, a, b, scale, rows): a and b carry a leading adapter axis of size k, scale and rows
+# one entry per example (x's first axis).
+MixedDelta = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +36,7 @@ class Site:
     layout: Layout
     input_name: str
     delta: Delta
+    mixed: MixedDelta | None = None  # None: the layer contracts its input's first axis
 
 
 def _inherits(module: nn.Module, cls: type, method: str) -> bool:
@@ -62,10 +68,39 @@ def _dense_delta(x_in: tuple[int, ...], out_perm: tuple[int, ...] | None) -> Del
     return delta
 
 
+def _per_example(v: jax.Array, ndim: int) -> jax.Array:
+    """A per-example vector shaped to broadcast against an array of `ndim` axes."""
+    return v.reshape(-1, *([1] * (ndim - 1)))
+
+
+def _dense_mixed(x_in: tuple[int, ...], out_perm: tuple[int, ...] | None) -> MixedDelta | None:
+    """`_dense_delta` for a mixed batch: x viewed as (examples, tokens, in), each example
+    contracted with its own gathered a and b (two batched einsums)."""
+    if 0 in x_in:
+        return None
+
+    def mixed(x, a, b, scale, rows):
+        free = [i for i in range(x.ndim) if i not in x_in]
+        xt = jnp.transpose(x, (*free, *x_in)) if free + list(x_in) != list(range(x.ndim)) else x
+        lead = xt.shape[: len(free)]
+        r = a.shape[-1]
+        x3 = xt.reshape(lead[0], -1, math.prod(xt.shape[len(free) :]))
+        a3 = jnp.take(a.reshape(a.shape[0], -1, r), rows, axis=0)
+        b3 = jnp.take(b.reshape(b.shape[0], r, -1), rows, axis=0)
+        h = jnp.einsum("etd,edr->etr", x3, a3) * _per_example(scale, 3)
+        y = jnp.einsum("etr,ero->eto", h, b3).reshape(*lead, *b.shape[2:])
+        return jnp.transpose(y, out_perm) if out_perm is not None else y
+
+    return mixed
+
+
 def _dense(module: Any, x: Any) -> Site:
     layout = Layout("dense", (0,), (1,))
     shape = (x.shape[-1], module.features)
-    return Site("kernel", shape, layout, "inputs", _dense_delta((x.ndim - 1,), None))
+    x_in = (x.ndim - 1,)
+    return Site(
+        "kernel", shape, layout, "inputs", _dense_delta(x_in, None), _dense_mixed(x_in, None)
+    )
 
 
 def _dense_general(module: Any, x: Any) -> Site | None:
@@ -77,7 +112,8 @@ def _dense_general(module: Any, x: Any) -> Site | None:
     n_in = len(axis)
     layout = Layout("dense", tuple(range(n_in)), tuple(range(n_in, n_in + len(features))))
     shape = tuple(x.shape[ax] for ax in axis) + features
-    return Site("kernel", shape, layout, "inputs", _dense_delta(axis, None))
+    delta, mixed = _dense_delta(axis, None), _dense_mixed(axis, None)
+    return Site("kernel", shape, layout, "inputs", delta, mixed)
 
 
 def _einsum(module: Any, x: Any, einsum_str: str | None) -> Site | None:
@@ -104,7 +140,8 @@ def _einsum(module: Any, x: Any, einsum_str: str | None) -> Site | None:
     order = free + kept
     out_perm = tuple(order.index(c) for c in out)
     perm = None if out_perm == tuple(range(len(out))) else out_perm
-    return Site("kernel", tuple(module.shape), layout, "inputs", _dense_delta(x_in, perm))
+    delta, mixed = _dense_delta(x_in, perm), _dense_mixed(x_in, perm)
+    return Site("kernel", tuple(module.shape), layout, "inputs", delta, mixed)
 
 
 def _embed_lookup(ids, a, b, scale):
@@ -116,6 +153,20 @@ def _embed_attend(query, a, b, scale):
     q = query.reshape(-1, query.shape[-1])
     h = (q @ b.T) * jnp.asarray(scale, q.dtype)
     return (h @ a.T).reshape(*query.shape[:-1], a.shape[0])
+
+
+def _embed_lookup_mixed(ids, a, b, scale, rows):
+    flat = ids.reshape(ids.shape[0], -1)
+    h = a[rows[:, None], flat] * _per_example(scale, 3)  # (examples, tokens, r)
+    y = jnp.einsum("etr,erd->etd", h, jnp.take(b, rows, axis=0))
+    return y.reshape(*ids.shape, b.shape[-1])
+
+
+def _embed_attend_mixed(query, a, b, scale, rows):
+    q = query.reshape(query.shape[0], -1, query.shape[-1])
+    h = jnp.einsum("etd,erd->etr", q, jnp.take(b, rows, axis=0)) * _per_example(scale, 3)
+    y = jnp.einsum("etr,evr->etv", h, jnp.take(a, rows, axis=0))
+    return y.reshape(*query.shape[:-1], a.shape[1])
 
 
 def _conv(module: Any, x: Any) -> Site | None:
@@ -132,7 +183,16 @@ def _conv(module: Any, x: Any) -> Site | None:
         h = jnp.asarray(conv.apply({"params": {"kernel": a}}, x)) * jnp.asarray(scale, x.dtype)
         return (h.reshape(-1, h.shape[-1]) @ b).reshape(*h.shape[:-1], b.shape[-1])
 
-    return Site("kernel", shape, layout, "inputs", delta)
+    def mixed(x, a, b, scale, rows):
+        conv = module.clone(parent=None, features=a.shape[-1], use_bias=False)
+        one = lambda xi, ai: conv.apply({"params": {"kernel": ai}}, xi[None])[0]
+        h = jax.vmap(one)(x, jnp.take(a, rows, axis=0))  # (examples, *spatial, r)
+        h3 = h.reshape(h.shape[0], -1, h.shape[-1]) * _per_example(scale, 3)
+        y = jnp.einsum("etr,ero->eto", h3, jnp.take(b, rows, axis=0))
+        return y.reshape(*h.shape[:-1], b.shape[-1])
+
+    unbatched = x.ndim == len(window) + 1  # Flax's unbatched conv input: no example axis
+    return Site("kernel", shape, layout, "inputs", delta, None if unbatched else mixed)
 
 
 def site(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Site | None:
@@ -151,8 +211,8 @@ def site(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Site | No
         shape = (module.num_embeddings, module.features)
         layout = Layout("embed", (0,), (1,))
         if method == "__call__":
-            return Site("embedding", shape, layout, "inputs", _embed_lookup)
-        return Site("embedding", shape, layout, "query", _embed_attend)
+            return Site("embedding", shape, layout, "inputs", _embed_lookup, _embed_lookup_mixed)
+        return Site("embedding", shape, layout, "query", _embed_attend, _embed_attend_mixed)
     return None
 
 

@@ -9,10 +9,17 @@ a markdown table of medians and ratios to full fine-tuning.
 
 Targets on a CPU: ratio <= 0.65 for q/v and <= 0.75 for all-linear.
 
+A second table times serving with many adapters (all-linear, rank 8): the forward pass of
+the base, of one adapter swapped for another at every call (`lora_apply`), and of a mixed
+batch where each example uses one of 4 adapters (`lora_apply_mixed`), with the number of
+traces each jitted function took over all its calls (1 means swapping never recompiled).
+Target: a mixed batch at most 1.2x the one-adapter forward.
+
 Usage::
 
     python -m train.benchmark                 # the medium model (minutes on 2 CPU cores)
     python -m train.benchmark --preset tiny   # a smoke run (seconds)
+    python -m train.benchmark --part serving  # only the serving table
 """
 
 from __future__ import annotations
@@ -165,6 +172,8 @@ class Runner:
     opt_bytes: int
     times: list[float] = dataclasses.field(default_factory=list)
     compile_s: float = 0.0
+    calls: int = 0  # serving runners: calls made and traces their jitted function took
+    traces: int = 0
 
 
 def full_runner(model: GPT, variables: dict, ids: jax.Array) -> Runner:
@@ -257,6 +266,77 @@ def nnx_runner(name: str, cfg: GPTConfig, ids: jax.Array, targets: set[str]) -> 
     return Runner(name, run, n, _bytes(lora), _bytes(box["opt"]))
 
 
+SERVING_ADAPTERS = 4
+SERVING_TARGET = 1.2
+
+
+def serving_runners(model: GPT, variables: dict, ids: jax.Array) -> list[Runner]:
+    """Forward passes: the base, one adapter swapped at every call, a mixed batch of 4."""
+    config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=ALL_LINEAR)
+    loras = [
+        jax.tree.map(lambda x: x + 0.01, lj.split(variables, config, key=jax.random.key(i))[1])
+        for i in range(SERVING_ADAPTERS)
+    ]  # B != 0, so no adapter is trivially the base
+    stacked = lj.stack_adapters(loras)
+    apply, mixed = lj.lora_apply(model.apply, config), lj.lora_apply_mixed(model.apply, config)
+
+    def runner(name: str, fn: Callable[..., Any], args: Callable[[int], tuple]) -> Runner:
+        box = Runner(name, lambda: None, 0, 0, 0)
+
+        def traced(*a: Any) -> Any:
+            box.traces += 1  # runs once per trace, not per call
+            return fn(*a)
+
+        jitted = jax.jit(traced)
+
+        def run() -> None:
+            jitted(*args(box.calls)).block_until_ready()
+            box.calls += 1
+
+        box.run = run
+        return box
+
+    rotations = [(jnp.arange(ids.shape[0]) + i) % SERVING_ADAPTERS for i in range(4)]
+    return [
+        runner("forward, base (no adapter)", model.apply, lambda i: (variables, ids)),
+        runner(
+            "forward, one adapter (swapped every call)",
+            apply,
+            lambda i: (variables, loras[i % SERVING_ADAPTERS], ids),
+        ),
+        runner(
+            f"forward, mixed batch of {SERVING_ADAPTERS} adapters",
+            mixed,
+            lambda i: (variables, stacked, rotations[i % 4], ids),
+        ),
+    ]
+
+
+def serving_table(runners: list[Runner], cfg: GPTConfig) -> str:
+    """Markdown table of forward times; ratios paired per round against one adapter."""
+    one = runners[1].times
+    lines = [
+        f"Serving: {cfg.layers} layers, d_model {cfg.d_model}, batch {cfg.batch}, seq "
+        f"{cfg.seq}, all-linear rank {RANK}, {SERVING_ADAPTERS} adapters; {len(one)} rounds.",
+        "",
+        "| serving variant | median forward (ms) | ratio to one adapter | ratio range | target "
+        "| traces / calls |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runners:
+        ratios = [t / o for t, o in zip(r.times, one, strict=True)]
+        ratio = statistics.median(ratios)
+        mixed = r is runners[-1]
+        met = "met" if ratio <= SERVING_TARGET else "MISSED"
+        verdict = f"<= {SERVING_TARGET} {met}" if mixed else ""
+        lines.append(
+            f"| {r.name} | {1e3 * statistics.median(r.times):.1f} | {ratio:.2f} "
+            f"| {min(ratios):.2f}-{max(ratios):.2f} | {verdict} "
+            f"| {r.traces} / {r.calls} |"
+        )
+    return "\n".join(lines)
+
+
 def measure(runners: list[Runner], rounds: int) -> None:
     """Compiles each runner, then times them alternating, `rounds` steps each."""
     for r in runners:
@@ -311,23 +391,38 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="medium")
     parser.add_argument("--rounds", type=int, default=7, help="timed steps per variant")
+    parser.add_argument(
+        "--part",
+        choices=("all", "train", "serving"),
+        default="all",
+        help="the training-step table, the serving table, or both",
+    )
     args = parser.parse_args(argv)
     cfg = PRESETS[args.preset]
     model = GPT(cfg)
     ids = jax.random.randint(jax.random.key(0), (cfg.batch, cfg.seq), 0, cfg.vocab)
     variables = jax.jit(model.init)(jax.random.key(0), ids)
-    runners = [
-        full_runner(model, variables, ids),
-        lora_runner("lora q/v", model, variables, ids, QV),
-        lora_runner("lora all-linear", model, variables, ids, ALL_LINEAR),
-        lora_runner("lora all-linear, merged path", model, variables, ids, ALL_LINEAR, merged=True),
-        nnx_runner("nnx.LoRALinear q/v (peer)", cfg, ids, {"query", "value"}),
-        nnx_runner("nnx.LoRALinear all-linear (peer)", cfg, ids, set(NNX_ALL_LINEAR)),
-        floor_runner(model, variables, ids),
-    ]
     print(f"benchmark: preset {args.preset}, {args.rounds} rounds", flush=True)
-    measure(runners, args.rounds)
-    result = table(runners, cfg)
+    tables = []
+    if args.part in ("all", "train"):
+        runners = [
+            full_runner(model, variables, ids),
+            lora_runner("lora q/v", model, variables, ids, QV),
+            lora_runner("lora all-linear", model, variables, ids, ALL_LINEAR),
+            lora_runner(
+                "lora all-linear, merged path", model, variables, ids, ALL_LINEAR, merged=True
+            ),
+            nnx_runner("nnx.LoRALinear q/v (peer)", cfg, ids, {"query", "value"}),
+            nnx_runner("nnx.LoRALinear all-linear (peer)", cfg, ids, set(NNX_ALL_LINEAR)),
+            floor_runner(model, variables, ids),
+        ]
+        measure(runners, args.rounds)
+        tables.append(table(runners, cfg))
+    if args.part in ("all", "serving"):
+        serving = serving_runners(model, variables, ids)
+        measure(serving, args.rounds)
+        tables.append(serving_table(serving, cfg))
+    result = "\n\n".join(tables)
     print("\n" + result)
     return result
 
