@@ -49,22 +49,31 @@ def _dropout(module: nn.Module, path: str, x: jax.Array, rate: float) -> jax.Arr
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def _adapted(context: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """``(module, site, a, b, kernel path, input)`` of an intercepted call to a supported
+    layer that carries an adapter; None for any other call."""
+    module = context.module
+    site = _layers.site(module, context.method_name, args, kwargs)
+    if site is None:
+        return None
+    a = module.scope.get_variable("params", site.param + _A)
+    b = module.scope.get_variable("params", site.param + _B)
+    if a is None or b is None:
+        return None
+    x = args[0] if args else kwargs[site.input_name]
+    return module, site, a, b, _layers.kernel_path(module, site.param), x
+
+
 def _interceptor(scales: Mapping[str, float], rate: float, seen: dict[str, str]) -> Callable:
     """Adds ``s·((dropout(x) @ a) @ b)`` to each supported layer that carries an adapter."""
 
     def intercept(next_fun, args, kwargs, context):
-        module = context.module
-        site = _layers.site(module, context.method_name, args, kwargs)
-        if site is None:
+        found = _adapted(context, args, kwargs)
+        if found is None:
             return next_fun(*args, **kwargs)
-        a = module.scope.get_variable("params", site.param + _A)
-        b = module.scope.get_variable("params", site.param + _B)
-        if a is None or b is None:
-            return next_fun(*args, **kwargs)
-        path = _layers.kernel_path(module, site.param)
+        module, site, a, b, path, x = found
         seen[path] = type(module).__name__
         y = next_fun(*args, **kwargs)
-        x = args[0] if args else kwargs[site.input_name]
         if jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(y.dtype)
             if rate > 0.0:

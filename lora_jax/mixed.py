@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _layers, _paths
+from lora_jax import _paths
 from lora_jax.adapters import unstacked_shapes
-from lora_jax.apply import _A, _B, DROPOUT_RNG, _dropout, _inject
+from lora_jax.apply import _A, _B, DROPOUT_RNG, _adapted, _dropout, _inject
 from lora_jax.config import LoraConfig
 from lora_jax.weights import flatten_lora
 
@@ -56,16 +56,10 @@ def _interceptor(
     """Adds each example's own low-rank path to every supported layer with an adapter."""
 
     def intercept(next_fun, args, kwargs, context):
-        module = context.module
-        site = _layers.site(module, context.method_name, args, kwargs)
-        if site is None:
+        found = _adapted(context, args, kwargs)
+        if found is None:
             return next_fun(*args, **kwargs)
-        a = module.scope.get_variable("params", site.param + _A)
-        b = module.scope.get_variable("params", site.param + _B)
-        if a is None or b is None:
-            return next_fun(*args, **kwargs)
-        path = _layers.kernel_path(module, site.param)
-        x = args[0] if args else kwargs[site.input_name]
+        module, site, a, b, path, x = found
         n = rows.shape[0]
         if site.mixed is None or x.ndim == 0 or x.shape[0] != n:
             raise ValueError(
