@@ -7,6 +7,8 @@
 computed factored, `merge`/`unmerge` fold adapters in and out, `summary` describes them,
 `make_train_step` trains them (jit, pmap or mesh), `save_adapter`/`CheckpointManager`
 write them with orbax, `export_peft`/`import_peft` exchange them with HuggingFace PEFT.
+Flax NNX: the same functions on ``nnx.split`` state (``lora_apply(graphdef, config)``),
+or `add_lora` / `remove_lora` / `lora_state` on the model itself (``nnx.LoRAParam``s).
 Many adapters on one base: `pad_rank` and `stack_adapters` for one compile and mixed
 batches (`lora_apply_mixed`), `combine_adapters` and `merge_many` to combine them.
 """
@@ -31,6 +33,7 @@ from lora_jax.merge import merge, unmerge
 from lora_jax.merge_many import merge_many, unmerge_many
 from lora_jax.mixed import lora_apply_mixed
 from lora_jax.module_map import ModuleMap, ModuleRule
+from lora_jax.nnx_lora import add_lora, lora_state, remove_lora
 from lora_jax.optim import lora_mask, loraplus, masked
 from lora_jax.peft import export_peft, import_peft
 from lora_jax.split import select_targets, split
@@ -55,6 +58,7 @@ __all__ = [
     "STRATEGIES",
     "Summary",
     "TrainState",
+    "add_lora",
     "combine_adapters",
     "delta",
     "export_peft",
@@ -64,6 +68,7 @@ __all__ = [
     "lora_apply",
     "lora_apply_mixed",
     "lora_mask",
+    "lora_state",
     "loraplus",
     "make_train_step",
     "masked",
@@ -72,6 +77,7 @@ __all__ = [
     "mesh_shardings",
     "pad_rank",
     "place",
+    "remove_lora",
     "replicate",
     "routes",
     "save_adapter",

@@ -48,7 +48,7 @@ def _input(args: tuple, kwargs: dict, name: str) -> Any:
     return args[0] if args else kwargs.get(name)
 
 
-def _dense_delta(x_in: tuple[int, ...], out_perm: tuple[int, ...] | None) -> Delta:
+def dense_delta(x_in: tuple[int, ...], out_perm: tuple[int, ...] | None) -> Delta:
     """Low-rank update contracting `x_in` axes of x with a, then b.
 
     The input is viewed as a 2-D (tokens, features) matrix for the two thin products:
@@ -74,7 +74,7 @@ def _per_example(v: jax.Array, ndim: int) -> jax.Array:
 
 
 def _dense_mixed(x_in: tuple[int, ...], out_perm: tuple[int, ...] | None) -> MixedDelta | None:
-    """`_dense_delta` for a mixed batch: x viewed as (examples, tokens, in), each example
+    """`dense_delta` for a mixed batch: x viewed as (examples, tokens, in), each example
     contracted with its own gathered a and b (two batched einsums)."""
     if 0 in x_in:
         return None
@@ -99,7 +99,7 @@ def _dense(module: Any, x: Any) -> Site:
     shape = (x.shape[-1], module.features)
     x_in = (x.ndim - 1,)
     return Site(
-        "kernel", shape, layout, "inputs", _dense_delta(x_in, None), _dense_mixed(x_in, None)
+        "kernel", shape, layout, "inputs", dense_delta(x_in, None), _dense_mixed(x_in, None)
     )
 
 
@@ -112,12 +112,15 @@ def _dense_general(module: Any, x: Any) -> Site | None:
     n_in = len(axis)
     layout = Layout("dense", tuple(range(n_in)), tuple(range(n_in, n_in + len(features))))
     shape = tuple(x.shape[ax] for ax in axis) + features
-    delta, mixed = _dense_delta(axis, None), _dense_mixed(axis, None)
+    delta, mixed = dense_delta(axis, None), _dense_mixed(axis, None)
     return Site("kernel", shape, layout, "inputs", delta, mixed)
 
 
-def _einsum(module: Any, x: Any, einsum_str: str | None) -> Site | None:
-    eq = (einsum_str or module.einsum_str or "").replace(" ", "")
+def einsum_plan(eq: str | None) -> tuple[Layout, tuple[int, ...], tuple[int, ...] | None] | None:
+    """For ``einsum(eq, x, kernel)``: the kernel's layout, the axes of x it contracts, and
+    the output permutation of the update (None when the order is already right); None
+    for an equation the factored path cannot take."""
+    eq = (eq or "").replace(" ", "")
     try:
         lhs, rest = eq.split(",")
         rhs, out = rest.split("->")
@@ -139,17 +142,24 @@ def _einsum(module: Any, x: Any, einsum_str: str | None) -> Site | None:
     x_in = tuple(lhs.index(c) for c in contracted)
     order = free + kept
     out_perm = tuple(order.index(c) for c in out)
-    perm = None if out_perm == tuple(range(len(out))) else out_perm
-    delta, mixed = _dense_delta(x_in, perm), _dense_mixed(x_in, perm)
+    return layout, x_in, None if out_perm == tuple(range(len(out))) else out_perm
+
+
+def _einsum(module: Any, einsum_str: str | None) -> Site | None:
+    plan = einsum_plan(einsum_str or module.einsum_str)
+    if plan is None:
+        return None
+    layout, x_in, perm = plan
+    delta, mixed = dense_delta(x_in, perm), _dense_mixed(x_in, perm)
     return Site("kernel", tuple(module.shape), layout, "inputs", delta, mixed)
 
 
-def _embed_lookup(ids, a, b, scale):
+def embed_lookup(ids, a, b, scale):
     h = jnp.take(a, ids.reshape(-1), axis=0) * jnp.asarray(scale, a.dtype)
     return (h @ b).reshape(*ids.shape, b.shape[-1])
 
 
-def _embed_attend(query, a, b, scale):
+def embed_attend(query, a, b, scale):
     q = query.reshape(-1, query.shape[-1])
     h = (q @ b.T) * jnp.asarray(scale, q.dtype)
     return (h @ a.T).reshape(*query.shape[:-1], a.shape[0])
@@ -169,6 +179,27 @@ def _embed_attend_mixed(query, a, b, scale, rows):
     return y.reshape(*query.shape[:-1], a.shape[1])
 
 
+def conv_deltas(make_conv: Callable[[int], nn.Conv]) -> tuple[Delta, MixedDelta]:
+    """The factored update of a convolution: x convolved with `a` (a conv with r output
+    features, built by ``make_conv(r)`` with the layer's window, strides and padding), then
+    the 1x1 product with `b`; and its mixed-batch form."""
+
+    def delta(x, a, b, scale):
+        conv = make_conv(a.shape[-1])
+        h = jnp.asarray(conv.apply({"params": {"kernel": a}}, x)) * jnp.asarray(scale, x.dtype)
+        return (h.reshape(-1, h.shape[-1]) @ b).reshape(*h.shape[:-1], b.shape[-1])
+
+    def mixed(x, a, b, scale, rows):
+        conv = make_conv(a.shape[-1])
+        one = lambda xi, ai: conv.apply({"params": {"kernel": ai}}, xi[None])[0]
+        h = jax.vmap(one)(x, jnp.take(a, rows, axis=0))  # (examples, *spatial, r)
+        h3 = h.reshape(h.shape[0], -1, h.shape[-1]) * _per_example(scale, 3)
+        y = jnp.einsum("etr,ero->eto", h3, jnp.take(b, rows, axis=0))
+        return y.reshape(*h.shape[:-1], b.shape[-1])
+
+    return delta, mixed
+
+
 def _conv(module: Any, x: Any) -> Site | None:
     if module.feature_group_count != 1 or module.mask is not None:
         return None
@@ -177,20 +208,7 @@ def _conv(module: Any, x: Any) -> Site | None:
     shape = (*window, x.shape[-1], module.features)
     n = len(window) + 1
     layout = Layout("conv", tuple(range(n)), (n,))
-
-    def delta(x, a, b, scale):
-        conv = module.clone(parent=None, features=a.shape[-1], use_bias=False)
-        h = jnp.asarray(conv.apply({"params": {"kernel": a}}, x)) * jnp.asarray(scale, x.dtype)
-        return (h.reshape(-1, h.shape[-1]) @ b).reshape(*h.shape[:-1], b.shape[-1])
-
-    def mixed(x, a, b, scale, rows):
-        conv = module.clone(parent=None, features=a.shape[-1], use_bias=False)
-        one = lambda xi, ai: conv.apply({"params": {"kernel": ai}}, xi[None])[0]
-        h = jax.vmap(one)(x, jnp.take(a, rows, axis=0))  # (examples, *spatial, r)
-        h3 = h.reshape(h.shape[0], -1, h.shape[-1]) * _per_example(scale, 3)
-        y = jnp.einsum("etr,ero->eto", h3, jnp.take(b, rows, axis=0))
-        return y.reshape(*h.shape[:-1], b.shape[-1])
-
+    delta, mixed = conv_deltas(lambda r: module.clone(parent=None, features=r, use_bias=False))
     unbatched = x.ndim == len(window) + 1  # Flax's unbatched conv input: no example axis
     return Site("kernel", shape, layout, "inputs", delta, None if unbatched else mixed)
 
@@ -204,15 +222,15 @@ def site(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Site | No
             return _dense_general(module, _input(args, kwargs, "inputs"))
         if _inherits(module, nn.Einsum, method):
             eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-            return _einsum(module, _input(args, kwargs, "inputs"), eq)
+            return _einsum(module, eq)
         if _inherits(module, nn.Conv, method):
             return _conv(module, _input(args, kwargs, "inputs"))
     if _inherits(module, nn.Embed, method) and method in ("__call__", "attend"):
         shape = (module.num_embeddings, module.features)
         layout = Layout("embed", (0,), (1,))
         if method == "__call__":
-            return Site("embedding", shape, layout, "inputs", _embed_lookup, _embed_lookup_mixed)
-        return Site("embedding", shape, layout, "query", _embed_attend, _embed_attend_mixed)
+            return Site("embedding", shape, layout, "inputs", embed_lookup, _embed_lookup_mixed)
+        return Site("embedding", shape, layout, "query", embed_attend, _embed_attend_mixed)
     return None
 
 

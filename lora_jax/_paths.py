@@ -1,4 +1,8 @@
-"""Parameter paths: the `/`-joined names that configs match and adapters are keyed by."""
+"""Parameter paths: the `/`-joined names that configs match and adapters are keyed by.
+
+Flax NNX `Variable`s (the leaves of an ``nnx.State``) count as leaves holding their value:
+``nnx.split(model)[1]`` flattens to ``{"layers/0/kernel": array}``, like a params dict.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+from flax import nnx
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 
@@ -28,19 +33,31 @@ def path_str(keypath: tuple[Any, ...]) -> str:
     return "/".join(key_name(k) for k in keypath)
 
 
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
 def flatten(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
-    """Returns `{path: leaf}` for every leaf of `tree`, in tree order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    return {path_str(kp): leaf for kp, leaf in flat}
+    """Returns `{path: leaf}` for every leaf of `tree`, in tree order (NNX variables
+    give their value)."""
+    test = _is_variable if is_leaf is None else lambda x: _is_variable(x) or is_leaf(x)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=test)
+    return {path_str(kp): x.get_value() if _is_variable(x) else x for kp, x in flat}
 
 
 def replace(tree: Any, new_leaves: Mapping[str, Any]) -> Any:
-    """Returns `tree` with the leaves at the given paths replaced; others kept as they are."""
+    """Returns `tree` with the leaves at the given paths replaced; others kept as they are
+    (an NNX variable keeps its type and metadata around the new value)."""
     if not new_leaves:
         return tree
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, leaf: new_leaves.get(path_str(kp), leaf), tree
-    )
+
+    def swap(kp: tuple, leaf: Any) -> Any:
+        new = new_leaves.get(path_str(kp), leaf)
+        if new is leaf:
+            return leaf
+        return leaf.replace(new) if _is_variable(leaf) else new
+
+    return jax.tree_util.tree_map_with_path(swap, tree, is_leaf=_is_variable)
 
 
 def nest(flat: Mapping[str, Any]) -> dict[str, Any]:

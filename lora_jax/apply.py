@@ -16,14 +16,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from lora_jax import _abstract, _layers, _paths
-from lora_jax.config import LoraConfig
+from lora_jax import _abstract, _layers, _paths, nnx_apply
+from lora_jax.config import DROPOUT_RNG, LoraConfig
 from lora_jax.weights import check_fits, delta, flatten_lora
 
 __all__ = ["lora_apply", "routes", "DROPOUT_RNG"]
 
-DROPOUT_RNG = "lora_dropout"
 _A, _B = ":lora_a", ":lora_b"
 
 
@@ -130,8 +130,10 @@ def _route_key(lora: Any, kwargs: Mapping[str, Any]) -> tuple:
     return jax.tree_util.tree_structure(lora), getattr(method, "__name__", repr(method))
 
 
-def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
-    """Wraps ``model.apply`` so it runs the base plus the adapters.
+def lora_apply(
+    apply_fn: Callable[..., Any] | nnx.GraphDef, config: LoraConfig
+) -> Callable[..., Any]:
+    """Wraps ``model.apply`` (or an NNX graphdef) so it runs the base plus the adapters.
 
     The returned ``apply(frozen, lora, *args, **kwargs)`` calls
     ``apply_fn(variables, *args, **kwargs)``. For `nn.Dense`, `nn.DenseGeneral`,
@@ -149,8 +151,20 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[...
     whatever the adapters' dtype. `apply` is a pure function: jit, grad and vmap it freely;
     it retraces only when shapes or tree structures change, never for new lora values.
 
+    **Flax NNX**: pass the graphdef of ``graphdef, state = nnx.split(model)`` (a model
+    without adapters) and `frozen` / `lora` from ``lj.split(state, config, key=...,
+    layouts=lj.infer_layouts(model))``. ``apply(frozen, lora, *args, rngs=None,
+    method="__call__", **kwargs)`` rebuilds the model from `frozen` (new Variables around
+    the same arrays: `frozen` is never modified), gives `nnx.Linear`, `nnx.LinearGeneral`,
+    `nnx.Einsum`, `nnx.Embed` and `nnx.Conv` their adapters as `lora_jax.add_lora` does
+    (factored), merges any other adapted parameter, and returns
+    ``model.<method>(*args, **kwargs)`` (`method` may also be a function of the model). ``rngs`` takes only ``{"lora_dropout": key}``. Changes
+    the call makes to the model's own state (batch statistics, RNG counts) are dropped;
+    use the stateful form (`lora_jax.add_lora`) to keep them.
+
     Args:
-        apply_fn: the model's apply function, ``apply_fn(variables, *args, **kwargs)``.
+        apply_fn: the model's apply function, ``apply_fn(variables, *args, **kwargs)``,
+            or an ``nnx.GraphDef``.
         config: the config the adapters were made with.
 
     Returns:
@@ -167,6 +181,8 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[...
         >>> bool((apply(frozen, lora, x) == model.apply(variables, x)).all())
         True
     """
+    if isinstance(apply_fn, nnx.GraphDef):
+        return nnx_apply.lora_apply_nnx(apply_fn, config)
     merged_before: dict[tuple, frozenset[str]] = {}
 
     def apply(frozen: Any, lora: Any, *args: Any, **kwargs: Any) -> Any:
@@ -182,7 +198,7 @@ def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[...
 
 
 def routes(
-    apply_fn: Callable[..., Any],
+    apply_fn: Callable[..., Any] | nnx.GraphDef,
     config: LoraConfig,
     frozen: Any,
     lora: Any,
@@ -191,10 +207,11 @@ def routes(
 ) -> dict[str, str]:
     """Which path each adapter takes in `lora_apply`: ``"factored (<Layer>)"`` or ``"merged"``.
 
-    Traces the model abstractly (`jax.eval_shape`, no FLOPs).
+    Traces the model abstractly (`jax.eval_shape`, no FLOPs); for an NNX graphdef the
+    layers are read directly and no inputs are needed.
 
     Args:
-        apply_fn: the model's apply function.
+        apply_fn: the model's apply function, or an ``nnx.GraphDef``.
         config: the LoRA config.
         frozen: the base from `lora_jax.split`.
         lora: the adapters from `lora_jax.split`.
@@ -214,6 +231,8 @@ def routes(
         >>> lj.routes(model.apply, config, frozen, lora, x)
         {'params/kernel': 'factored (Dense)'}
     """
+    if isinstance(apply_fn, nnx.GraphDef):
+        return nnx_apply.routes_nnx(apply_fn, frozen, lora)
     seen: dict[str, str] = {}
 
     def trace(frozen_: Any, lora_: Any, args_: tuple, kwargs_: dict) -> Any:

@@ -16,6 +16,9 @@ __all__ = ["LoraConfig", "PRESETS", "INITS"]
 
 TargetSpec = str | Sequence[str] | Callable[[str, Any], bool]
 
+# The rng stream LoRA dropout draws from (linen ``rngs=``, NNX ``nnx.Rngs``).
+DROPOUT_RNG = "lora_dropout"
+
 INITS = ("normal", "kaiming_uniform", "gaussian", "pissa")
 
 _ATTN_IN = r"query|key|value|q_proj|k_proj|v_proj|qkv|qkv_proj|query_key_value|wq|wk|wv|wqkv|q|k|v"

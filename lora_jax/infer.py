@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
+from flax import nnx
 
-from lora_jax import _abstract, _layers, _paths
+from lora_jax import _abstract, _layers, _paths, nnx_lora
 from lora_jax.layout import Layout
 
 __all__ = ["infer_layouts"]
 
 
-def infer_layouts(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: Any) -> dict:
+def infer_layouts(
+    apply_fn: Callable[..., Any] | nnx.Module | nnx.GraphDef,
+    variables: Any = None,
+    *args: Any,
+    **kwargs: Any,
+) -> dict:
     """Learns the layout of every kernel the model's Flax layers use, without running it.
 
     Traces ``apply_fn(variables, *args, **kwargs)`` with `jax.eval_shape` (no FLOPs) and
@@ -21,9 +27,15 @@ def infer_layouts(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kw
     call, the kernel's path, module kind and axes. A kernel with more axes than the layer
     sees (from `nn.scan` or `nn.vmap`) gets leading stack axes.
 
+    For Flax NNX pass the model itself (or a graphdef and its state): the layouts of its
+    `nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum`, `nnx.Embed` and `nnx.Conv` kernels
+    are read from the layers' attributes; no inputs are needed.
+
     Args:
-        apply_fn: the model's apply function, e.g. ``model.apply``.
-        variables: what `apply_fn` takes first (a variables dict).
+        apply_fn: the model's apply function, e.g. ``model.apply``; or an ``nnx.Module``;
+            or an ``nnx.GraphDef``.
+        variables: what `apply_fn` takes first (a variables dict); the state for a
+            graphdef; unused for an nnx.Module.
         *args: example positional inputs (arrays or `jax.ShapeDtypeStruct`).
         **kwargs: keyword arguments for `apply_fn` (``rngs``, ``method``...).
 
@@ -44,6 +56,11 @@ def infer_layouts(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kw
         >>> layouts["params/query/kernel"]
         Layout(kind='dense', in_axes=(0,), out_axes=(1, 2), stack_axes=())
     """
+    if isinstance(apply_fn, nnx.GraphDef):
+        apply_fn = nnx.merge(apply_fn, variables, copy=True)
+    if isinstance(apply_fn, nnx.Module):
+        return {p: layout for p, (_, _, layout) in nnx_lora.layers(apply_fn).items()}
+    fn = cast(Callable[..., Any], apply_fn)
     seen: dict[str, tuple[Layout, tuple[int, ...]]] = {}
 
     def record(next_fun, args_, kwargs_, context):
@@ -54,7 +71,7 @@ def infer_layouts(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kw
         return next_fun(*args_, **kwargs_)
 
     with nn.intercept_methods(record):
-        _abstract.eval_shape(apply_fn, variables, *args, **kwargs)
+        _abstract.eval_shape(fn, variables, *args, **kwargs)
     return _fit_to_variables(seen, variables)
 
 

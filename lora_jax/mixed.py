@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lora_jax import _paths
 from lora_jax.adapters import unstacked_shapes
@@ -130,6 +131,9 @@ def lora_apply_mixed(apply_fn: Callable[..., Any], config: LoraConfig) -> Callab
         ``apply(frozen, stacked, adapter_ids, *args, **kwargs)``, returning what `apply_fn`
         returns.
 
+    Raises:
+        TypeError: `apply_fn` is an NNX graphdef (mixed batches are linen-only for now).
+
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn, lora_jax as lj
         >>> model = nn.Dense(3)
@@ -142,6 +146,11 @@ def lora_apply_mixed(apply_fn: Callable[..., Any], config: LoraConfig) -> Callab
         >>> bool((y == model.apply(variables, x)).all())
         True
     """
+    if isinstance(apply_fn, nnx.GraphDef):
+        raise TypeError(
+            "lora_apply_mixed supports Flax linen models (an apply function); NNX graphdefs "
+            "are not supported yet: run each adapter with lj.lora_apply(graphdef, config)."
+        )
 
     def apply(frozen: Any, stacked: Any, adapter_ids: Any, *args: Any, **kwargs: Any) -> Any:
         variables, k, ranks = _variables(frozen, stacked)

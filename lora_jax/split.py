@@ -84,7 +84,8 @@ def select_targets(
             raise ValueError(
                 f"{path} has shape {tuple(leaf.shape)}: which of its axes are inputs, outputs "
                 f"or stacked layers cannot be known from the shape alone. Pass "
-                f"layouts=lj.infer_layouts(model.apply, variables, *example_inputs) to split."
+                f"layouts=lj.infer_layouts(model.apply, variables, *example_inputs) to split "
+                f"(Flax NNX: layouts=lj.infer_layouts(model))."
             )
         if layout.ndim != len(leaf.shape):
             raise ValueError(f"{path}: layout {layout} does not fit shape {tuple(leaf.shape)}.")

@@ -7,7 +7,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from lora_jax import _paths
+from flax import nnx
+
+from lora_jax import _paths, nnx_lora
 from lora_jax.weights import flatten_lora
 
 __all__ = ["Summary", "summary"]
@@ -65,17 +67,30 @@ class Summary:
         return "\n".join(lines)
 
 
-def summary(frozen: Any, lora: Any, routes: Mapping[str, str] | None = None) -> Summary:
+def _from_module(model: Any, routes: Mapping[str, str] | None) -> tuple[Any, Any, Any]:
+    frozen, lora = nnx_lora.lora_state(model)
+    layers = dict(nnx_lora.adapted_modules(model))
+    names = {p: f"factored ({m._lora_base.__name__})" for p, m in layers.items()}
+    return frozen, lora, routes if routes is not None else names
+
+
+def summary(frozen: Any, lora: Any = None, routes: Mapping[str, str] | None = None) -> Summary:
     """Describes the adapters: targets, shapes, ranks, trainable count and share, bytes.
 
+    An NNX model with adapters (`lora_jax.add_lora`) can be passed alone:
+    ``lj.summary(model)``; every route is then factored.
+
     Args:
-        frozen: the base from `lora_jax.split`.
-        lora: the adapters.
+        frozen: the base from `lora_jax.split`, or an ``nnx.Module`` with adapters.
+        lora: the adapters (omitted for an nnx.Module).
         routes: optional ``{path: route}`` from `lora_jax.routes`, shown per target
             (otherwise the column says ``"-"``).
 
     Returns:
         A `Summary`; ``print`` it for a table.
+
+    Raises:
+        TypeError: `lora` is missing for something other than an nnx.Module.
 
     Example:
         >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -86,6 +101,10 @@ def summary(frozen: Any, lora: Any, routes: Mapping[str, str] | None = None) -> 
         >>> s.trainable, s.total, round(s.fraction, 2)
         (32, 64, 0.5)
     """
+    if isinstance(frozen, nnx.Module):
+        frozen, lora, routes = _from_module(frozen, routes)
+    elif lora is None:
+        raise TypeError("`summary` needs `lora` (or an nnx.Module with adapters alone).")
     flat = _paths.flatten(frozen)
     base = [leaf for leaf in flat.values() if hasattr(leaf, "shape")]
     weights = flatten_lora(lora)
