@@ -158,9 +158,10 @@ def lora_apply(
     the same arrays: `frozen` is never modified), gives `nnx.Linear`, `nnx.LinearGeneral`,
     `nnx.Einsum`, `nnx.Embed` and `nnx.Conv` their adapters as `lora_jax.add_lora` does
     (factored), merges any other adapted parameter, and returns
-    ``model.<method>(*args, **kwargs)`` (`method` may also be a function of the model). ``rngs`` takes only ``{"lora_dropout": key}``. Changes
-    the call makes to the model's own state (batch statistics, RNG counts) are dropped;
-    use the stateful form (`lora_jax.add_lora`) to keep them.
+    ``model.<method>(*args, **kwargs)`` (`method` may also be a function of the model).
+    ``rngs`` takes only ``{"lora_dropout": key}``. Changes the call makes to the model's
+    own state (batch statistics, RNG counts) are dropped; use the stateful form
+    (`lora_jax.add_lora`) to keep them.
 
     Args:
         apply_fn: the model's apply function, ``apply_fn(variables, *args, **kwargs)``,
