@@ -1,0 +1,199 @@
+"""Training NNX models: the pure form through jit, pmap and mesh trains what linen trains;
+the in-place form with ``nnx.Optimizer(wrt=nnx.LoRAParam)`` trains the same adapters;
+orbax checkpoints and adapter files round-trip for both forms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
+from nnx_models import NnxMlp, load_linen, lora_from_linen
+from problem import CONFIG, HIDDEN, IN, OUT, batches, loss_fn, optimizer, start, to_numpy
+
+import lora_jax as lj
+
+STEPS = 5
+
+
+def _model() -> NnxMlp:
+    return load_linen(NnxMlp(IN, HIDDEN, OUT, rngs=nnx.Rngs(0)), start()[0])
+
+
+GRAPHDEF, _ = nnx.split(_model())
+APPLY = lj.lora_apply(GRAPHDEF, CONFIG)
+
+
+def nnx_loss(frozen, lora, batch, key):
+    del key
+    return jnp.mean((APPLY(frozen, lora, batch["x"]).astype(jnp.float32) - batch["y"]) ** 2)
+
+
+def _start():
+    """The NNX state and the same initial adapters as the linen problem's `start`."""
+    model = _model()
+    lora = lora_from_linen(start()[1].lora, lj.infer_layouts(model))
+    state = lj.TrainState.create(lora, optimizer(), key=jax.random.key(3))
+    return model, nnx.state(model), state
+
+
+def _run(strategy: str, data, fsdp: bool = False):
+    _, frozen, state = _start()
+    tx = optimizer()
+    if strategy == "pmap":
+        step = lj.make_train_step(nnx_loss, tx, strategy="pmap")
+        state, frozen = lj.replicate(state), lj.replicate(frozen)
+        for b in data:
+            state, _ = step(state, frozen, lj.shard_batch(b))
+        return lj.unreplicate(state)
+    kw = {}
+    if strategy == "mesh":
+        shape, names = ((2, 2), ("data", "fsdp")) if fsdp else ((4,), ("data",))
+        mesh = Mesh(np.array(jax.devices()[:4]).reshape(shape), names)
+        kw = dict(mesh=mesh, fsdp_axis="fsdp" if fsdp else None)
+    step = lj.make_train_step(nnx_loss, tx, strategy=strategy, **kw)
+    for b in data:
+        state, _ = step(state, frozen, b)
+    return state
+
+
+def _assert_close(got, want, rtol=1e-5):
+    for g, w in zip(jax.tree.leaves(to_numpy(got)), jax.tree.leaves(to_numpy(want)), strict=True):
+        assert np.abs(g - w).max() <= rtol * np.abs(w).max(), np.abs(g - w).max()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    data = batches(STEPS)
+    return data, _run("jit", data)
+
+
+def test_pure_form_trains_what_linen_trains(reference):
+    data, ref = reference
+    frozen, state = start()
+    step = lj.make_train_step(loss_fn, optimizer())
+    for b in data:
+        state, _ = step(state, frozen, b)
+    _assert_close(ref.lora, lora_from_linen(state.lora, lj.infer_layouts(_model())))
+
+
+@pytest.mark.parametrize(("strategy", "fsdp"), [("pmap", False), ("mesh", False), ("mesh", True)])
+def test_strategies_train_the_same_nnx_adapters(reference, strategy, fsdp):
+    data, ref = reference
+    state = _run(strategy, data, fsdp)
+    _assert_close(state.lora, ref.lora)
+    if fsdp:  # each adapter follows its kernel's sharding on the NNX state too
+        assert state.lora["fc1"]["kernel"].b.sharding.spec == PartitionSpec(None, "fsdp")
+
+
+def test_in_place_training_with_nnx_optimizer(reference):
+    data, ref = reference
+    model, _, state = _start()
+    lj.add_lora(model, CONFIG, lora=state.lora)
+    kernels = jax.tree.map(np.array, lj.lora_state(model)[0])
+    opt = nnx.Optimizer(model, optimizer(), wrt=nnx.LoRAParam)
+    traces = []
+
+    @nnx.jit
+    def step(model, opt, batch):
+        traces.append(1)
+
+        def loss(model):
+            return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+
+        value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        opt.update(model, grads)
+        return value
+
+    for b in data:
+        step(model, opt, b)
+    assert len(traces) == 1
+    frozen, lora = lj.lora_state(model)
+    _assert_close(lora, ref.lora)
+    for got, want in zip(jax.tree.leaves(frozen), jax.tree.leaves(kernels), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)  # the base, bit for bit
+    slots = {"/".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(opt)) if v.ndim}
+    assert slots and all(s.endswith(("lora_a", "lora_b")) for s in slots), slots
+
+
+def test_pure_step_base_untouched_opt_state_small_one_compile():
+    _, frozen, state = _start()
+    before = jax.tree.map(np.array, frozen)
+    traces = []
+
+    def counted(frozen, lora, batch, key):
+        traces.append(1)
+        return nnx_loss(frozen, lora, batch, key)
+
+    step = lj.make_train_step(counted, optimizer())
+    for b in batches(8):
+        state, _ = step(state, frozen, b)
+    assert len(traces) == 1
+    for got, want in zip(jax.tree.leaves(frozen), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    lora_shapes = {x.shape for x in jax.tree.leaves(state.lora)}
+    assert {x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim} == lora_shapes
+
+
+def test_checkpoints_resume_and_adapter_files(tmp_path):
+    data = batches(4)
+    _, frozen, state = _start()
+    step = lj.make_train_step(nnx_loss, optimizer(), donate=False)
+    straight = state
+    for b in data:
+        straight, _ = step(straight, frozen, b)
+    with lj.CheckpointManager(tmp_path / "ckpt", CONFIG) as mgr:
+        for b in data[:2]:
+            state, _ = step(state, frozen, b)
+        mgr.save(2, state)
+        resumed, _ = mgr.restore(_start()[2], frozen=frozen)
+        for b in data[2:]:
+            resumed, _ = step(resumed, frozen, b)
+        pick = lambda s: jax.tree.leaves((s.step, s.lora, s.opt_state))
+        for got, want in zip(pick(resumed), pick(straight), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        small = nnx.state(NnxMlp(IN, HIDDEN // 2, OUT, rngs=nnx.Rngs(0)))
+        with pytest.raises(ValueError, match=r"fc1/kernel: expected shape \(32, 128\), found"):
+            mgr.restore(_start()[2], frozen=small)
+    # in place: save the model's adapters, load them onto a fresh model
+    model = lj.add_lora(_model(), CONFIG, lora=straight.lora)
+    lj.save_adapter(tmp_path / "adapter", lj.lora_state(model)[1], CONFIG)
+    fresh = _model()
+    lora, config = lj.load_adapter(tmp_path / "adapter", nnx.state(fresh))
+    lj.add_lora(fresh, config, lora=lora)
+    x = data[0]["x"]
+    np.testing.assert_array_equal(np.asarray(fresh(x)), np.asarray(model(x)))
+    np.testing.assert_array_equal(
+        np.asarray(fresh(x)), np.asarray(APPLY(nnx.state(_model()), straight.lora, x))
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)different base.*fc1/kernel: expected shape \(32, 128\), found \(32, 8\)",
+    ):
+        lj.load_adapter(tmp_path / "adapter", nnx.state(NnxMlp(IN, 8, OUT, rngs=nnx.Rngs(0))))
+
+
+def test_optax_mask_on_a_combined_nnx_tree(reference):
+    """For users who keep one tree: `lj.masked` keeps optimizer state for adapters only."""
+    data, ref = reference
+    _, frozen, state = _start()
+    tx = lj.masked(optimizer(), CONFIG)
+    params = {"frozen": frozen, "lora": state.lora}
+    opt_state = tx.init(params)
+    assert (
+        sum(x.size for x in jax.tree.leaves(opt_state))
+        == 2 * sum(x.size for x in jax.tree.leaves(state.lora)) + 1
+    )
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        grads = jax.grad(lambda p: nnx_loss(p["frozen"], p["lora"], batch, None))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    for b in data:
+        params, opt_state = step(params, opt_state, b)
+    _assert_close(params["lora"], ref.lora)
