@@ -273,3 +273,16 @@ def test_in_place_refusals():
         lj.lora_apply(graphdef, MLP)(state, lj.lora_state(model)[1], jnp.ones((1, 8)))
     with pytest.raises(TypeError, match=r"NNX graphdefs are not supported yet"):
         lj.lora_apply_mixed(graphdef, MLP)
+
+
+def test_bf16_layers_train_float32_adapters():
+    model = nnx.Linear(8, 4, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 8), jnp.bfloat16)
+    base = model(x)
+    lj.add_lora(model, lj.LoraConfig(rank=2, targets="kernel"), key=jax.random.key(1))
+    assert model.lora_a.get_value().dtype == jnp.float32
+    y = model(x)
+    assert y.dtype == jnp.bfloat16 and bool((y == base).all())
+    loss = lambda m: jnp.sum(m(x).astype(jnp.float32) ** 2)
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    assert {v.get_value().dtype for _, v in nnx.to_flat_state(grads)} == {jnp.dtype("float32")}
