@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from models import Mlp
 
 import lora_jax as lj
@@ -58,6 +59,71 @@ def optimizer() -> optax.GradientTransformation:
 def start(seed: int = 2):
     frozen, lora = lj.split(base(), CONFIG, key=jax.random.key(seed))
     return frozen, lj.TrainState.create(lora, optimizer(), key=jax.random.key(seed + 1))
+
+
+def run_strategy(loss, frozen, state, strategy: str, data, fsdp: bool = False, **kw):
+    """Trains `state` on `data` with one of the step strategies (4 devices for pmap/mesh;
+    with `fsdp` a 2x2 data x fsdp mesh). Returns the final state and metrics."""
+    tx = optimizer()
+    if strategy == "pmap":
+        step = lj.make_train_step(loss, tx, strategy="pmap", **kw)
+        state, frozen = lj.replicate(state), lj.replicate(frozen)
+        for b in data:
+            state, metrics = step(state, frozen, lj.shard_batch(b))
+        return lj.unreplicate(state), metrics
+    if strategy == "mesh":
+        shape, names = ((2, 2), ("data", "fsdp")) if fsdp else ((4,), ("data",))
+        mesh = Mesh(np.array(jax.devices()[:4]).reshape(shape), names)
+        kw.update(mesh=mesh, fsdp_axis="fsdp" if fsdp else None)
+    step = lj.make_train_step(loss, tx, strategy=strategy, **kw)
+    for b in data:
+        state, metrics = step(state, frozen, b)
+    return state, metrics
+
+
+def assert_close(got, want, rtol=1e-5):
+    """Every leaf within `rtol` of the largest magnitude of its reference."""
+    for g, w in zip(jax.tree.leaves(to_numpy(got)), jax.tree.leaves(to_numpy(want)), strict=True):
+        assert np.abs(g - w).max() <= rtol * np.abs(w).max(), np.abs(g - w).max()
+
+
+def train_counting(loss, frozen, state, data):
+    """Trains with the jit step, counting traces, and checks that the base comes out bit
+    for bit as it went in. Returns the state, the losses and the number of traces."""
+    before = jax.tree.map(np.array, frozen)
+    traces = []
+
+    def counted(frozen, lora, batch, key):
+        traces.append(1)
+        return loss(frozen, lora, batch, key)
+
+    step = lj.make_train_step(counted, optimizer())
+    losses = []
+    for b in data:
+        state, metrics = step(state, frozen, b)
+        losses.append(float(metrics["loss"]))
+    for got, want in zip(jax.tree.leaves(frozen), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    return state, losses, len(traces)
+
+
+def train_masked(loss, frozen, lora, data):
+    """Trains one combined ``{"frozen", "lora"}`` tree with `lj.masked` (for users who keep
+    one tree). Returns the trained tree and the optimizer state's element count."""
+    tx = lj.masked(optimizer(), CONFIG)
+    params = {"frozen": frozen, "lora": lora}
+    opt_state = tx.init(params)
+    size = sum(x.size for x in jax.tree.leaves(opt_state))
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        grads = jax.grad(lambda p: loss(p["frozen"], p["lora"], batch, None))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    for b in data:
+        params, opt_state = step(params, opt_state, b)
+    return params, size
 
 
 def to_numpy(tree):

@@ -7,12 +7,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 from nnx_models import NnxMlp, load_linen, lora_from_linen
-from problem import CONFIG, HIDDEN, IN, OUT, batches, loss_fn, optimizer, start, to_numpy
+from problem import (
+    CONFIG,
+    HIDDEN,
+    IN,
+    OUT,
+    assert_close,
+    batches,
+    loss_fn,
+    optimizer,
+    run_strategy,
+    start,
+    train_counting,
+    train_masked,
+)
 
 import lora_jax as lj
 
@@ -42,27 +54,7 @@ def _start():
 
 def _run(strategy: str, data, fsdp: bool = False):
     _, frozen, state = _start()
-    tx = optimizer()
-    if strategy == "pmap":
-        step = lj.make_train_step(nnx_loss, tx, strategy="pmap")
-        state, frozen = lj.replicate(state), lj.replicate(frozen)
-        for b in data:
-            state, _ = step(state, frozen, lj.shard_batch(b))
-        return lj.unreplicate(state)
-    kw = {}
-    if strategy == "mesh":
-        shape, names = ((2, 2), ("data", "fsdp")) if fsdp else ((4,), ("data",))
-        mesh = Mesh(np.array(jax.devices()[:4]).reshape(shape), names)
-        kw = dict(mesh=mesh, fsdp_axis="fsdp" if fsdp else None)
-    step = lj.make_train_step(nnx_loss, tx, strategy=strategy, **kw)
-    for b in data:
-        state, _ = step(state, frozen, b)
-    return state
-
-
-def _assert_close(got, want, rtol=1e-5):
-    for g, w in zip(jax.tree.leaves(to_numpy(got)), jax.tree.leaves(to_numpy(want)), strict=True):
-        assert np.abs(g - w).max() <= rtol * np.abs(w).max(), np.abs(g - w).max()
+    return run_strategy(nnx_loss, frozen, state, strategy, data, fsdp)[0]
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +69,14 @@ def test_pure_form_trains_what_linen_trains(reference):
     step = lj.make_train_step(loss_fn, optimizer())
     for b in data:
         state, _ = step(state, frozen, b)
-    _assert_close(ref.lora, lora_from_linen(state.lora, lj.infer_layouts(_model())))
+    assert_close(ref.lora, lora_from_linen(state.lora, lj.infer_layouts(_model())))
 
 
 @pytest.mark.parametrize(("strategy", "fsdp"), [("pmap", False), ("mesh", False), ("mesh", True)])
 def test_strategies_train_the_same_nnx_adapters(reference, strategy, fsdp):
     data, ref = reference
     state = _run(strategy, data, fsdp)
-    _assert_close(state.lora, ref.lora)
+    assert_close(state.lora, ref.lora)
     if fsdp:  # each adapter follows its kernel's sharding on the NNX state too
         assert state.lora["fc1"]["kernel"].b.sharding.spec == PartitionSpec(None, "fsdp")
 
@@ -112,7 +104,7 @@ def test_in_place_training_with_nnx_optimizer(reference):
         step(model, opt, b)
     assert len(traces) == 1
     frozen, lora = lj.lora_state(model)
-    _assert_close(lora, ref.lora)
+    assert_close(lora, ref.lora)
     for got, want in zip(jax.tree.leaves(frozen), jax.tree.leaves(kernels), strict=True):
         np.testing.assert_array_equal(np.asarray(got), want)  # the base, bit for bit
     slots = {"/".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(opt)) if v.ndim}
@@ -121,19 +113,8 @@ def test_in_place_training_with_nnx_optimizer(reference):
 
 def test_pure_step_base_untouched_opt_state_small_one_compile():
     _, frozen, state = _start()
-    before = jax.tree.map(np.array, frozen)
-    traces = []
-
-    def counted(frozen, lora, batch, key):
-        traces.append(1)
-        return nnx_loss(frozen, lora, batch, key)
-
-    step = lj.make_train_step(counted, optimizer())
-    for b in batches(8):
-        state, _ = step(state, frozen, b)
-    assert len(traces) == 1
-    for got, want in zip(jax.tree.leaves(frozen), jax.tree.leaves(before), strict=True):
-        np.testing.assert_array_equal(np.asarray(got), want)
+    state, _, traces = train_counting(nnx_loss, frozen, state, batches(8))
+    assert traces == 1
     lora_shapes = {x.shape for x in jax.tree.leaves(state.lora)}
     assert {x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim} == lora_shapes
 
@@ -180,20 +161,6 @@ def test_optax_mask_on_a_combined_nnx_tree(reference):
     """For users who keep one tree: `lj.masked` keeps optimizer state for adapters only."""
     data, ref = reference
     _, frozen, state = _start()
-    tx = lj.masked(optimizer(), CONFIG)
-    params = {"frozen": frozen, "lora": state.lora}
-    opt_state = tx.init(params)
-    assert (
-        sum(x.size for x in jax.tree.leaves(opt_state))
-        == 2 * sum(x.size for x in jax.tree.leaves(state.lora)) + 1
-    )
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        grads = jax.grad(lambda p: nnx_loss(p["frozen"], p["lora"], batch, None))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    for b in data:
-        params, opt_state = step(params, opt_state, b)
-    _assert_close(params["lora"], ref.lora)
+    params, opt_size = train_masked(nnx_loss, frozen, state.lora, data)
+    assert opt_size == 2 * sum(x.size for x in jax.tree.leaves(state.lora)) + 1
+    assert_close(params["lora"], ref.lora)

@@ -13,7 +13,18 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import Mesh, PartitionSpec
-from problem import CONFIG, batches, loss_fn, optimizer, start, to_numpy
+from problem import (
+    CONFIG,
+    assert_close,
+    batches,
+    loss_fn,
+    optimizer,
+    run_strategy,
+    start,
+    to_numpy,
+    train_counting,
+    train_masked,
+)
 
 import lora_jax as lj
 
@@ -22,27 +33,7 @@ STEPS = 5
 
 def _run(strategy: str, data, fsdp: bool = False, **kw):
     frozen, state = start()
-    tx = optimizer()
-    if strategy == "pmap":
-        step = lj.make_train_step(loss_fn, tx, strategy="pmap", **kw)
-        state, frozen = lj.replicate(state), lj.replicate(frozen)
-        for b in data:
-            state, metrics = step(state, frozen, lj.shard_batch(b))
-        return lj.unreplicate(state), metrics
-    mesh = None
-    if strategy == "mesh":
-        shape, names = ((2, 2), ("data", "fsdp")) if fsdp else ((4,), ("data",))
-        mesh = Mesh(np.array(jax.devices()[:4]).reshape(shape), names)
-        kw.update(mesh=mesh, fsdp_axis="fsdp" if fsdp else None)
-    step = lj.make_train_step(loss_fn, tx, strategy=strategy, **kw)
-    for b in data:
-        state, metrics = step(state, frozen, b)
-    return state, metrics
-
-
-def _assert_close(got, want, rtol=1e-5):
-    for g, w in zip(jax.tree.leaves(to_numpy(got)), jax.tree.leaves(to_numpy(want)), strict=True):
-        assert np.abs(g - w).max() <= rtol * np.abs(w).max(), np.abs(g - w).max()
+    return run_strategy(loss_fn, frozen, state, strategy, data, fsdp, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +47,7 @@ def test_strategies_train_the_same_adapters(reference, strategy, fsdp):
     assert jax.device_count() >= 4
     data, ref = reference
     state, _ = _run(strategy, data, fsdp=fsdp)
-    _assert_close(state.lora, ref.lora)
+    assert_close(state.lora, ref.lora)
     assert int(np.asarray(state.step).ravel()[0]) == STEPS
     if fsdp:  # the base is sharded over fsdp, and each adapter follows its kernel
         b = state.lora["params"]["fc1"]["kernel"].b
@@ -67,50 +58,24 @@ def test_strategies_train_the_same_adapters(reference, strategy, fsdp):
 def test_accumulation_matches_one_big_batch(reference):
     data, ref = reference
     state, _ = _run("jit", data, accum_steps=4)
-    _assert_close(state.lora, ref.lora)
+    assert_close(state.lora, ref.lora)
 
 
 def test_masked_combined_tree_matches_lora_only(reference):
     data, ref = reference
     frozen, state = start()
-    tx = lj.masked(optimizer(), CONFIG)
-    params = {"frozen": frozen, "lora": state.lora}
-    opt_state = tx.init(params)
-    sizes = [x.size for x in jax.tree.leaves(opt_state)]
+    params, opt_size = train_masked(loss_fn, frozen, state.lora, data)
     lora_size = sum(x.size for x in jax.tree.leaves(state.lora))
-    assert sum(sizes) == 2 * lora_size + 1  # adam's mu, nu for a and b, and a count
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        grads = jax.grad(lambda p: loss_fn(p["frozen"], p["lora"], batch, None))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    for b in data:
-        params, opt_state = step(params, opt_state, b)
-    _assert_close(params["lora"], ref.lora)
+    assert opt_size == 2 * lora_size + 1  # adam's mu, nu for a and b, and a count
+    assert_close(params["lora"], ref.lora)
     for got, want in zip(jax.tree.leaves(params["frozen"]), jax.tree.leaves(frozen), strict=True):
         np.testing.assert_array_equal(got, want)
 
 
 def test_base_bit_identical_state_small_one_compile():
     frozen, state = start()
-    before = jax.tree.map(np.array, frozen)
-    traces = []
-
-    def counted(frozen, lora, batch, key):
-        traces.append(1)
-        return loss_fn(frozen, lora, batch, key)
-
-    step = lj.make_train_step(counted, optimizer())
-    data = batches(60)
-    losses = []
-    for b in data:
-        state, metrics = step(state, frozen, b)
-        losses.append(float(metrics["loss"]))
-    assert len(traces) == 1
-    for got, want in zip(jax.tree.leaves(frozen), jax.tree.leaves(before), strict=True):
-        np.testing.assert_array_equal(np.asarray(got), want)
+    state, losses, traces = train_counting(loss_fn, frozen, state, batches(60))
+    assert traces == 1
     base_shapes = {x.shape for x in jax.tree.leaves(frozen) if x.ndim == 2}
     assert not {x.shape for x in jax.tree.leaves(state.opt_state)} & base_shapes
     assert np.mean(losses[-5:]) < 0.25 * losses[0], losses  # a learnable task, learnt
@@ -138,7 +103,7 @@ def test_nonfinite_updates_are_skipped_and_counted():
     bad["x"][0, 0] = np.nan
     new, metrics = step(state, frozen, bad)
     assert int(metrics["skipped"]) == 1 and int(new.step) == 1
-    _assert_close(new.lora, state.lora, rtol=0.0)
+    assert_close(new.lora, state.lora, rtol=0.0)
     new, metrics = step(new, frozen, good)
     assert int(metrics["skipped"]) == 1 and np.isfinite(float(metrics["loss"]))
 
