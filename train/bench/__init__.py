@@ -1,0 +1,1 @@
+"""The benchmark's parts; `python -m train.benchmark` runs them."""

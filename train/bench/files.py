@@ -1,0 +1,46 @@
+"""Adapter files: how long `save_adapter` and `load_adapter` take, and the size on disk
+against the raw bytes of the A/B arrays."""
+
+from __future__ import annotations
+
+import pathlib
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import jax
+
+import lora_jax as lj
+from train.bench.models import RANK
+from train.bench.steps import ALL_LINEAR
+
+
+def _folder_bytes(folder: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def adapter_files(variables: Any, rounds: int) -> dict[str, float]:
+    """Median save and restore seconds over `rounds` tries, bytes on disk, raw A/B bytes
+    (all-linear adapters, rank 8, float32)."""
+    config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=ALL_LINEAR)
+    frozen, lora = lj.split(variables, config, key=jax.random.key(1))
+    raw = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lora))
+    saves, loads, size = [], [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(max(rounds, 1)):
+            folder = pathlib.Path(tmp) / f"adapter_{i}"
+            start = time.perf_counter()
+            lj.save_adapter(folder, lora, config)
+            saves.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            back, _ = lj.load_adapter(folder, frozen)
+            jax.block_until_ready(back)
+            loads.append(time.perf_counter() - start)
+            size = _folder_bytes(folder)
+    return {
+        "save_s": statistics.median(saves),
+        "restore_s": statistics.median(loads),
+        "disk_bytes": float(size),
+        "raw_bytes": float(raw),
+    }

@@ -1,0 +1,187 @@
+"""Training-step variants, timed side by side: full fine-tuning, lora_jax (linen and NNX,
+factored and merged), flax's `nnx.LoRALinear`, and the floor of any adapter method."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import lora_jax as lj
+from train.bench.models import GPT, RANK, GPTConfig, NnxGPT, lm_loss
+
+QV = r".*/attn/(query|value)/kernel"
+ALL_LINEAR = r".*/(attn/(query|key|value|out)|mlp/(up|down))/kernel"
+NNX_ALL_LINEAR = ("query", "key", "value", "out", "up", "down")
+NNX_ALL_LINEAR_PATTERN = r".*/(query|key|value|out|up|down)/kernel"
+
+
+def _bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+@dataclasses.dataclass
+class Runner:
+    """One benchmarked variant: a zero-argument step that blocks until done."""
+
+    name: str
+    run: Callable[[], None]
+    trainable: int
+    trainable_bytes: int
+    opt_bytes: int
+    times: list[float] = dataclasses.field(default_factory=list)
+    compile_s: float = 0.0
+    calls: int = 0  # serving runners: calls made and traces their jitted function took
+    traces: int = 0
+
+
+def full_runner(model: GPT, variables: dict, ids: jax.Array) -> Runner:
+    tx = optax.adamw(1e-4)
+    params = jax.tree.map(jnp.array, variables)  # own buffers: they are donated
+    state = {"params": params, "opt": tx.init(params)}
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # as the LoRA step donates its state
+    def step(params, opt_state, ids):
+        loss, grads = jax.value_and_grad(lambda p: lm_loss(model.apply(p, ids), ids))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def run() -> None:
+        state["params"], state["opt"], loss = step(state["params"], state["opt"], ids)
+        loss.block_until_ready()
+
+    n = sum(x.size for x in jax.tree.leaves(variables))
+    return Runner("full fine-tune", run, n, _bytes(variables), _bytes(state["opt"]))
+
+
+def lora_runner(
+    name: str, model: GPT, variables: dict, ids: jax.Array, targets: str, merged: bool = False
+) -> Runner:
+    config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=targets)
+    frozen, lora = lj.split(variables, config, key=jax.random.key(1))
+    apply = lj.lora_apply(model.apply, config)
+
+    def loss_fn(frozen, lora, ids, key):
+        if merged:
+            return lm_loss(model.apply(lj.merge(frozen, lora, config), ids), ids)
+        return lm_loss(apply(frozen, lora, ids), ids)
+
+    tx = optax.adamw(1e-4)
+    step = lj.make_train_step(loss_fn, tx)
+    box = {"state": lj.TrainState.create(lora, tx, key=jax.random.key(2))}
+
+    def run() -> None:
+        box["state"], metrics = step(box["state"], frozen, ids)
+        metrics["loss"].block_until_ready()
+
+    n = sum(x.size for x in jax.tree.leaves(lora))
+    return Runner(name, run, n, _bytes(lora), _bytes(box["state"].opt_state))
+
+
+def floor_runner(model: GPT, variables: dict, ids: jax.Array) -> Runner:
+    """The floor of any LoRA step here: forward plus input gradients down to the embedding
+    output (a scalar gate on it is the only thing differentiated), no weight gradient, no
+    optimizer. No adapter method can beat it on this model."""
+
+    def loss(gate: jax.Array) -> jax.Array:
+        def gate_embedding(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            lookup = isinstance(context.module, nn.Embed) and context.method_name == "__call__"
+            return out * gate if lookup else out
+
+        with nn.intercept_methods(gate_embedding):
+            return lm_loss(model.apply(variables, ids), ids)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    gate = jnp.ones(())
+
+    def run() -> None:
+        step(gate)[0].block_until_ready()
+
+    return Runner("floor: forward + input grads only", run, 0, 0, 0)
+
+
+def nnx_runner(name: str, cfg: GPTConfig, ids: jax.Array, targets: set[str]) -> Runner:
+    model = NnxGPT(cfg, targets, nnx.Rngs(0))
+    parts: tuple[Any, ...] = nnx.split(model, nnx.LoRAParam, ...)
+    graphdef, lora, rest = parts
+    tx = optax.adamw(1e-4)
+    box = {"lora": lora, "opt": tx.init(lora)}
+
+    @jax.jit
+    def step(lora, opt_state, rest, ids):
+        def loss_fn(lora):
+            return lm_loss(nnx.merge(graphdef, lora, rest)(ids), ids)
+
+        loss, grads = jax.value_and_grad(loss_fn)(lora)
+        updates, opt_state = tx.update(grads, opt_state, lora)
+        return optax.apply_updates(lora, updates), opt_state, loss
+
+    def run() -> None:
+        box["lora"], box["opt"], loss = step(box["lora"], box["opt"], rest, ids)
+        loss.block_until_ready()
+
+    n = sum(x.size for x in jax.tree.leaves(lora))
+    return Runner(name, run, n, _bytes(lora), _bytes(box["opt"]))
+
+
+def nnx_lora_jax_runner(name: str, cfg: GPTConfig, ids: jax.Array) -> Runner:
+    """lora_jax on the plain NNX model, in place: `lj.add_lora`, then the usual NNX step
+    (`nnx.Optimizer(wrt=nnx.LoRAParam)`), run as split/merge inside one `jax.jit`."""
+    model = NnxGPT(cfg, set(), nnx.Rngs(0))
+    config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=NNX_ALL_LINEAR_PATTERN)
+    lj.add_lora(model, config, key=jax.random.key(1))
+    parts: tuple[Any, ...] = nnx.split(model, nnx.LoRAParam, ...)
+    graphdef, lora, rest = parts
+    tx = optax.adamw(1e-4)
+    box = {"lora": lora, "opt": tx.init(lora)}
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(lora, opt_state, rest, ids):
+        loss, grads = jax.value_and_grad(
+            lambda lora: lm_loss(nnx.merge(graphdef, lora, rest)(ids), ids)
+        )(lora)
+        updates, opt_state = tx.update(grads, opt_state, lora)
+        return optax.apply_updates(lora, updates), opt_state, loss
+
+    def run() -> None:
+        box["lora"], box["opt"], loss = step(box["lora"], box["opt"], rest, ids)
+        loss.block_until_ready()
+
+    n = sum(x.size for x in jax.tree.leaves(lora))
+    return Runner(name, run, n, _bytes(lora), _bytes(box["opt"]))
+
+
+def paired(runner: Runner, reference: Runner) -> tuple[float, float, float]:
+    """Median, min and max of the per-round ratios ``runner / reference`` (the variants
+    alternate within each round, so drift on a shared machine cancels)."""
+    ratios = [t / r for t, r in zip(runner.times, reference.times, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def measure(runners: list[Runner], rounds: int) -> None:
+    """Compiles each runner, then times them alternating, `rounds` steps each."""
+    for r in runners:
+        start = time.perf_counter()
+        r.run()
+        r.compile_s = time.perf_counter() - start
+        r.run()  # one more warm step
+    for i in range(rounds):
+        for r in runners:
+            start = time.perf_counter()
+            r.run()
+            r.times.append(time.perf_counter() - start)
+        print(
+            f"  round {i + 1}/{rounds}: "
+            + ", ".join(f"{r.name} {r.times[-1]:.3f}s" for r in runners),
+            flush=True,
+        )
