@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint typecheck pytest clean
+.PHONY: demo test lint typecheck pytest notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ pytest: $(TEST_STAMP)
 	$(BIN)/pytest -n auto -q
 
 test: lint typecheck pytest
+
+# Re-run the notebooks and write their outputs back (commit them: they read on GitHub).
+notebooks: $(TEST_STAMP)
+	$(BIN)/pytest -q -n auto --overwrite notebooks
 
 clean:
 	rm -rf $(VENV)
