@@ -127,9 +127,11 @@ def memory_rows(mem: dict[str, dict[str, Any]]) -> list[str]:
             f"| {_verdict(ratio, key)} |"
         )
     qv = mem["lora-qv"]
+    # On a small model the peak can come before the model exists (compiles, imports).
+    growth = f"{above(qv) / above(full):.2f}" if above(full) > 0 else "n/a"
     rows.append(
         f"| peak memory above the after-import baseline, LoRA q/v / full | {_mib(above(qv))} "
-        f"| {_mib(above(full))} | {above(qv) / above(full):.2f} |  |"
+        f"| {_mib(above(full))} | {growth} |  |"
     )
     opt = qv["opt_bytes"] / full["opt_bytes"]
     rows.append(
