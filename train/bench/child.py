@@ -18,6 +18,20 @@ import time
 from typing import Any
 
 
+def peak_rss() -> int:
+    """This process's peak resident bytes: VmHWM, which a fresh program starts anew (unlike
+    ``getrusage``'s ru_maxrss, which on Linux keeps the high-water mark of the process that
+    forked it, here the benchmark itself)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def _model(preset: str, batch: int | None = None) -> tuple[Any, Any, Any]:
     import jax
 
@@ -37,7 +51,7 @@ def memory(preset: str, variant: str, steps: int) -> dict[str, Any]:
     from train.bench.steps import ALL_LINEAR, QV, full_runner, lora_runner
 
     jnp.ones(()).block_until_ready()  # the runtime is up
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    baseline = peak_rss()
     model, variables, ids = _model(preset)
     if variant == "full":
         runner = full_runner(model, variables, ids)
@@ -47,7 +61,7 @@ def memory(preset: str, variant: str, steps: int) -> dict[str, Any]:
     del variables  # the full step trains its own copy; LoRA keeps the base it was given
     for _ in range(steps):
         runner.run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return {
         "peak_bytes": peak,
         "baseline_bytes": baseline,
