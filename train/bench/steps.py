@@ -110,36 +110,10 @@ def floor_runner(model: GPT, variables: dict, ids: jax.Array) -> Runner:
     return Runner("floor: forward + input grads only", run, 0, 0, 0)
 
 
-def nnx_runner(name: str, cfg: GPTConfig, ids: jax.Array, targets: set[str]) -> Runner:
-    model = NnxGPT(cfg, targets, nnx.Rngs(0))
-    parts: tuple[Any, ...] = nnx.split(model, nnx.LoRAParam, ...)
-    graphdef, lora, rest = parts
-    tx = optax.adamw(1e-4)
-    box = {"lora": lora, "opt": tx.init(lora)}
-
-    @jax.jit
-    def step(lora, opt_state, rest, ids):
-        def loss_fn(lora):
-            return lm_loss(nnx.merge(graphdef, lora, rest)(ids), ids)
-
-        loss, grads = jax.value_and_grad(loss_fn)(lora)
-        updates, opt_state = tx.update(grads, opt_state, lora)
-        return optax.apply_updates(lora, updates), opt_state, loss
-
-    def run() -> None:
-        box["lora"], box["opt"], loss = step(box["lora"], box["opt"], rest, ids)
-        loss.block_until_ready()
-
-    n = sum(x.size for x in jax.tree.leaves(lora))
-    return Runner(name, run, n, _bytes(lora), _bytes(box["opt"]))
-
-
-def nnx_lora_jax_runner(name: str, cfg: GPTConfig, ids: jax.Array) -> Runner:
-    """lora_jax on the plain NNX model, in place: `lj.add_lora`, then the usual NNX step
-    (`nnx.Optimizer(wrt=nnx.LoRAParam)`), run as split/merge inside one `jax.jit`."""
-    model = NnxGPT(cfg, set(), nnx.Rngs(0))
-    config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=NNX_ALL_LINEAR_PATTERN)
-    lj.add_lora(model, config, key=jax.random.key(1))
+def _nnx_step_runner(name: str, model: nnx.Module, ids: jax.Array) -> Runner:
+    """Times the usual NNX LoRA step on `model`: the `nnx.LoRAParam`s split out, the rest
+    merged back inside one `jax.jit`, adamw on the LoRA params only, buffers donated (as
+    the other steps donate theirs)."""
     parts: tuple[Any, ...] = nnx.split(model, nnx.LoRAParam, ...)
     graphdef, lora, rest = parts
     tx = optax.adamw(1e-4)
@@ -159,6 +133,19 @@ def nnx_lora_jax_runner(name: str, cfg: GPTConfig, ids: jax.Array) -> Runner:
 
     n = sum(x.size for x in jax.tree.leaves(lora))
     return Runner(name, run, n, _bytes(lora), _bytes(box["opt"]))
+
+
+def nnx_runner(name: str, cfg: GPTConfig, ids: jax.Array, targets: set[str]) -> Runner:
+    """flax's own `nnx.LoRALinear` on the named layers of the NNX twin (the in-run peer)."""
+    return _nnx_step_runner(name, NnxGPT(cfg, targets, nnx.Rngs(0)), ids)
+
+
+def nnx_lora_jax_runner(name: str, cfg: GPTConfig, ids: jax.Array) -> Runner:
+    """lora_jax on the plain NNX twin, in place (`lj.add_lora`), trained by the same step."""
+    model = NnxGPT(cfg, set(), nnx.Rngs(0))
+    config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=NNX_ALL_LINEAR_PATTERN)
+    lj.add_lora(model, config, key=jax.random.key(1))
+    return _nnx_step_runner(name, model, ids)
 
 
 def paired(runner: Runner, reference: Runner) -> tuple[float, float, float]:
