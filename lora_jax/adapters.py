@@ -17,7 +17,7 @@ import numpy as np
 
 from lora_jax import _paths
 from lora_jax.config import LoraConfig
-from lora_jax.weights import LoraWeights, check_fits, flatten_lora
+from lora_jax.weights import LoraWeights, check_fits, flatten_lora, flatten_loras
 
 __all__ = ["pad_rank", "stack_adapters"]
 
@@ -150,12 +150,7 @@ def stack_adapters(loras: Sequence[Any]) -> dict[str, Any]:
     """
     if len(loras) == 0:
         raise ValueError("`loras` is empty; stack at least one adapter.")
-    flats = []
-    for i, lora in enumerate(loras):
-        try:
-            flats.append(flatten_lora(lora))
-        except TypeError as err:
-            raise TypeError(f"`loras[{i}]`: {err}") from None
+    flats = flatten_loras(loras)
     _check_same(flats)
     stacked = {}
     for path, w0 in flats[0].items():

@@ -12,7 +12,7 @@ import jax
 
 from lora_jax import _paths
 from lora_jax.config import LoraConfig
-from lora_jax.weights import check_fits, delta, flatten_lora
+from lora_jax.weights import check_fits, delta, flatten_loras
 
 __all__ = ["merge_many", "unmerge_many"]
 
@@ -33,12 +33,7 @@ def per_adapter(loras: Sequence[Any], configs: Any, weights: Any) -> tuple[list,
     for i, w in enumerate(weights):
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
             raise TypeError(f"`weights[{i}]` must be a finite number; found {w!r}.")
-    flats = []
-    for i, lora in enumerate(loras):
-        try:
-            flats.append(flatten_lora(lora))
-        except TypeError as err:
-            raise TypeError(f"`loras[{i}]`: {err}") from None
+    flats = flatten_loras(loras)
     return flats, configs, [float(w) for w in weights]
 
 

@@ -98,6 +98,17 @@ def flatten_lora(lora: Any) -> dict[str, LoraWeights]:
     return flat
 
 
+def flatten_loras(loras: Any) -> list[dict[str, LoraWeights]]:
+    """`flatten_lora` of each adapter in a sequence; errors name the index (`loras[i]`)."""
+    flats = []
+    for i, lora in enumerate(loras):
+        try:
+            flats.append(flatten_lora(lora))
+        except TypeError as err:
+            raise TypeError(f"`loras[{i}]`: {err}") from None
+    return flats
+
+
 def check_fits(frozen_flat: dict[str, Any], adapters: dict[str, LoraWeights]) -> None:
     """Raises a ValueError naming the path when an adapter does not fit its base kernel."""
     paths = list(frozen_flat)
