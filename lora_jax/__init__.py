@@ -3,90 +3,56 @@
     >>> import lora_jax as lj
     >>> config = lj.LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
 
-`split` makes ``(frozen, lora)``, `lora_apply` runs the model with the low-rank path
-computed factored, `merge`/`unmerge` fold adapters in and out, `summary` describes them,
-`make_train_step` trains them (jit, pmap or mesh), `save_adapter`/`CheckpointManager`
-write them with orbax, `export_peft`/`import_peft` exchange them with HuggingFace PEFT.
-Flax NNX: the same functions on ``nnx.split`` state (``lora_apply(graphdef, config)``),
-or `add_lora` / `remove_lora` / `lora_state` on the model itself (``nnx.LoRAParam``s).
-Many adapters on one base: `pad_rank` and `stack_adapters` for one compile and mixed
-batches (`lora_apply_mixed`), `combine_adapters` and `merge_many` to combine them.
+The core, at the top: `split` makes ``(frozen, lora)`` from a config (the only place a
+config is needed: every adapter carries its own scale, layout and dropout rate),
+`lora_apply` runs the model with the low-rank path computed factored, `merge`/`unmerge`
+fold adapters in and out, `summary` describes them, `make_train_step` trains them,
+`save_adapter`/`load_adapter`/`CheckpointManager` write them with orbax.
+
+Namespaces for the rest: `lora_jax.nnx` (adapters on Flax NNX modules), `lora_jax.linen`
+(the linen machinery), `lora_jax.multi` (many adapters on one base), `lora_jax.peft`
+(HuggingFace PEFT files), `lora_jax.parallel` (strategies and placement for jit, pmap and
+mesh), `lora_jax.optim` (optax pieces), `lora_jax.io` (file formats), `lora_jax.core`
+(targets, deltas, the summary type).
 """
 
-from lora_jax.adapter_io import METADATA_FILE, load_adapter, save_adapter
-from lora_jax.adapters import pad_rank, stack_adapters
-from lora_jax.apply import DROPOUT_RNG, lora_apply, routes
-from lora_jax.checkpoint import CheckpointManager
-from lora_jax.combine import COMBINATIONS, combine_adapters
-from lora_jax.config import PRESETS, LoraConfig
-from lora_jax.distributed import (
-    MeshShardings,
-    mesh_shardings,
-    place,
-    replicate,
-    shard_batch,
-    unreplicate,
-)
-from lora_jax.infer import infer_layouts
-from lora_jax.layout import Layout
-from lora_jax.merge import merge, unmerge
-from lora_jax.merge_many import merge_many, unmerge_many
-from lora_jax.mixed import lora_apply_mixed
-from lora_jax.module_map import ModuleMap, ModuleRule
-from lora_jax.nnx_lora import add_lora, lora_state, remove_lora
-from lora_jax.optim import lora_mask, loraplus, masked
-from lora_jax.peft import export_peft, import_peft
-from lora_jax.split import select_targets, split
-from lora_jax.summary import Summary, summary
-from lora_jax.training import STRATEGIES, TrainState, make_train_step
-from lora_jax.weights import LoraWeights, delta
+from lora_jax import core, io, linen, multi, nnx, optim, parallel, peft
+from lora_jax._dispatch import infer_layouts, lora_apply, routes, summary
+from lora_jax.core._config import DROPOUT_RNG, PRESETS, LoraConfig
+from lora_jax.core._layout import Layout
+from lora_jax.core._merge import merge, unmerge
+from lora_jax.core._split import split
+from lora_jax.core._weights import LoraWeights
+from lora_jax.io._adapter import load_adapter, save_adapter
+from lora_jax.io._checkpoint import CheckpointManager
+from lora_jax.training._step import TrainState, make_train_step
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "COMBINATIONS",
-    "CheckpointManager",
     "DROPOUT_RNG",
+    "PRESETS",
+    "CheckpointManager",
     "Layout",
     "LoraConfig",
     "LoraWeights",
-    "METADATA_FILE",
-    "MeshShardings",
-    "ModuleMap",
-    "ModuleRule",
-    "PRESETS",
-    "STRATEGIES",
-    "Summary",
     "TrainState",
-    "add_lora",
-    "combine_adapters",
-    "delta",
-    "export_peft",
-    "import_peft",
+    "core",
     "infer_layouts",
+    "io",
+    "linen",
     "load_adapter",
     "lora_apply",
-    "lora_apply_mixed",
-    "lora_mask",
-    "lora_state",
-    "loraplus",
     "make_train_step",
-    "masked",
     "merge",
-    "merge_many",
-    "mesh_shardings",
-    "pad_rank",
-    "place",
-    "remove_lora",
-    "replicate",
+    "multi",
+    "nnx",
+    "optim",
+    "parallel",
+    "peft",
     "routes",
     "save_adapter",
-    "select_targets",
-    "shard_batch",
     "split",
-    "stack_adapters",
     "summary",
     "unmerge",
-    "unmerge_many",
-    "unreplicate",
 ]

@@ -1,0 +1,82 @@
+"""`merge` / `unmerge`: fold adapters into plain weights for serving, and take them out again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lora_jax.core._paths import flatten, replace
+from lora_jax.core._weights import check_fits, flatten_lora, scaled_delta
+
+__all__ = ["merge", "unmerge"]
+
+
+def _shifted(tree: Any, lora: Any, sign: float) -> Any:
+    flat = flatten(tree)
+    adapters = flatten_lora(lora)
+    for path, w in adapters.items():
+        if isinstance(w.scale, tuple):
+            raise TypeError(
+                f"{path}: `lora` stacks {len(w.scale)} adapters (lj.multi.stack_adapters); "
+                f"merge one with lj.multi.unstack_adapter(stacked, i), or several with "
+                f"lj.multi.merge_many."
+            )
+    check_fits(flat, adapters, residuals=sign > 0)
+    new = {path: flat[path] + scaled_delta(w, sign * w.scale, flat[path].dtype)  # type: ignore[operator]
+           for path, w in adapters.items()}
+    return replace(tree, new)
+
+
+def merge(frozen: Any, lora: Any) -> Any:
+    """Plain weights with the adapters folded in: ``W + s·a@b`` at every adapted path.
+
+    Each adapter's scale s is its own (`LoraWeights.scale`). The result has the structure
+    of `frozen` and works with the unmodified ``model.apply``. Each merged kernel keeps its
+    dtype (the update is cast to it).
+
+    Args:
+        frozen: the base from `lora_jax.split` (for PiSSA, the residual base it returned).
+        lora: the adapters.
+
+    Returns:
+        A new params tree; `frozen` is not modified.
+
+    Raises:
+        ValueError: an adapter's path is not in `frozen`, its shapes do not fit the kernel,
+            or a PiSSA adapter meets the original weights instead of its residual base.
+        TypeError: `lora` holds something other than `LoraWeights`, or stacked adapters.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lora_jax as lj
+        >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3))}}}
+        >>> config = lj.LoraConfig(rank=2, targets=".*/kernel")
+        >>> frozen, lora = lj.split(params, config, key=jax.random.key(0))
+        >>> bool((lj.merge(frozen, lora)["params"]["fc"]["kernel"] == 1.0).all())
+        True
+    """
+    return _shifted(frozen, lora, 1.0)
+
+
+def unmerge(params: Any, lora: Any) -> Any:
+    """Takes adapters back out of merged weights: ``W - s·a@b`` at every adapted path.
+
+    Args:
+        params: weights produced by `merge` with the same adapters.
+        lora: the adapters that were merged in.
+
+    Returns:
+        The base (equal to the original `frozen` up to floating-point rounding).
+
+    Raises:
+        ValueError: an adapter's path is not in `params` or its shapes do not fit.
+        TypeError: `lora` holds something other than `LoraWeights`, or stacked adapters.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lora_jax as lj
+        >>> params = {"params": {"fc": {"kernel": jnp.arange(12.0).reshape(4, 3)}}}
+        >>> config = lj.LoraConfig(rank=2, targets=".*/kernel", init="pissa")
+        >>> frozen, lora = lj.split(params, config, key=jax.random.key(0))
+        >>> back = lj.unmerge(lj.merge(frozen, lora), lora)
+        >>> bool(jnp.allclose(back["params"]["fc"]["kernel"], frozen["params"]["fc"]["kernel"], atol=1e-4))
+        True
+    """
+    return _shifted(params, lora, -1.0)

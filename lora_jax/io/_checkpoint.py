@@ -1,0 +1,251 @@
+"""`CheckpointManager`: the whole LoRA training state, every N steps, with orbax.
+
+A thin layer over `orbax.checkpoint.CheckpointManager` (use ``.orbax`` for anything it
+does not expose). Each step folder holds three items: ``state`` (adapters, optimizer state,
+step, rng, skip count), ``data`` (the data-position record the caller hands in, JSON) and
+``meta`` (the adapter metadata of `save_adapter`: config, layouts, base fingerprint). Orbax
+finalizes a step only when every item is written, so a crash mid-save leaves the previous
+steps usable and the partial one invisible. The frozen base is never written.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from lora_jax.core import _paths
+from lora_jax.io import _metadata as metadata
+from lora_jax.core._config import LoraConfig
+from lora_jax.training._step import TrainState
+
+__all__ = ["CheckpointManager"]
+
+
+def _storable(state: TrainState) -> dict[str, Any]:
+    """The state as plain arrays (typed PRNG keys as their raw key data)."""
+    return {
+        "step": state.step,
+        "lora": state.lora,
+        "opt_state": state.opt_state,
+        "rng": jax.random.key_data(state.rng),
+        "skipped": state.skipped,
+    }
+
+
+def _abstract(tree: Any) -> Any:
+    def spec(x: Any) -> jax.ShapeDtypeStruct:
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(spec, tree)
+
+
+class CheckpointManager:
+    """Saves and restores a `TrainState` (plus a data position) every N steps, with orbax.
+
+    Saving is asynchronous: `save` returns once the arrays are copied off the devices, and
+    the files are written in the background while training goes on. `wait_until_finished`
+    blocks until the last save is on disk; `close` (or leaving a ``with`` block) waits too,
+    then releases orbax's threads. Retention keeps the last `max_to_keep` steps and, with
+    `best_metric`, also the best `keep_best` by that metric.
+
+    Example:
+        >>> import tempfile, jax, jax.numpy as jnp, optax, lora_jax as lj
+        >>> config = lj.LoraConfig(rank=2, targets="w")
+        >>> frozen, lora = lj.split({"w": jnp.ones((4, 3))}, config, key=jax.random.key(0))
+        >>> state = lj.TrainState.create(lora, optax.adam(1e-3), key=jax.random.key(1))
+        >>> with lj.CheckpointManager(tempfile.mkdtemp(), config) as mgr:
+        ...     _ = mgr.save(0, state, data_position={"epoch": 0, "index": 8})
+        ...     restored, position = mgr.restore(state)
+        >>> position, int(restored.step)
+        ({'epoch': 0, 'index': 8}, 0)
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        config: LoraConfig,
+        *,
+        max_to_keep: int = 3,
+        save_interval_steps: int = 1,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        keep_best: int = 1,
+        async_save: bool = True,
+    ) -> None:
+        """Opens (or creates) a checkpoint folder.
+
+        Args:
+            directory: the run's checkpoint folder.
+            config: the LoRA config, stored in every step's metadata.
+            max_to_keep: how many of the latest steps to keep.
+            save_interval_steps: `save` writes only steps that are multiples of this
+                (unless forced).
+            best_metric: a key of the ``metrics`` given to `save`; when set, the best
+                `keep_best` steps by it are kept too.
+            best_mode: ``"min"`` or ``"max"``: which direction is better.
+            keep_best: how many best steps to keep.
+            async_save: write in a background thread.
+
+        Raises:
+            ValueError: a bad `best_mode` or a count below 1.
+        """
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"`best_mode` must be 'min' or 'max'; found {best_mode!r}.")
+        if max_to_keep < 1 or keep_best < 1 or save_interval_steps < 1:
+            raise ValueError(
+                f"`max_to_keep`, `keep_best` and `save_interval_steps` must be >= 1; found "
+                f"{max_to_keep}, {keep_best}, {save_interval_steps}."
+            )
+        self.directory = pathlib.Path(directory).absolute()
+        self.config = config
+        keep: list[Any] = [policies.LatestN(n=max_to_keep)]
+        if best_metric is not None:
+            keep.append(
+                policies.BestN(
+                    get_metric_fn=lambda m: m[best_metric],
+                    reverse=best_mode == "min",  # orbax keeps the end of an ascending sort
+                    n=keep_best,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps,
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self.orbax = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta")
+        )
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        data_position: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves `state` as `step` (asynchronously by default).
+
+        Args:
+            step: the step number to save under.
+            state: the training state (the base is not part of it and is never written).
+                A pmap-replicated state (``lj.replicate``) is saved as one copy, so it
+                restores anywhere.
+            data_position: a JSON-able record of where the data pipeline is, handed back
+                by `restore`.
+            metrics: scalar metrics for `best_metric` retention.
+            force: save even if `step` is not a multiple of `save_interval_steps`.
+
+        Returns:
+            Whether a save was started.
+        """
+        if jnp.ndim(state.step) == 1:  # replicated for pmap: every copy is the same
+            state = jax.tree.map(lambda x: x[0], state)
+        record = metadata.describe(state.lora, self.config)
+        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_storable(state)),
+            data=ocp.args.JsonSave(data_position or {}),
+            meta=ocp.args.JsonSave(record),
+        )
+        return self.orbax.save(step, args=args, metrics=metrics or None, force=force)
+
+    def restore(
+        self, target: TrainState, step: int | None = None, *, frozen: Any = None
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """Restores a step (the latest by default) into the structure of `target`.
+
+        Waits for a save still in flight first, so the step just saved is restorable.
+
+        Args:
+            target: a `TrainState` (concrete, or abstract from `jax.eval_shape`) giving the
+                structure, dtypes and shardings to restore into: restore a checkpoint
+                written on 4 devices onto 1 or 2, or onto a mesh, by giving a target with
+                those shardings.
+            step: which step; None for the latest.
+            frozen: optional base to check the stored fingerprint against.
+
+        Returns:
+            ``(state, data_position)``.
+
+        Raises:
+            ValueError: no checkpoint in the folder or no such step, a base or config that
+                does not fit the stored metadata, or damaged files.
+        """
+        self.orbax.wait_until_finished()  # a save still in flight is part of what exists
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.all_steps():
+            raise ValueError(
+                f"no checkpoint {'steps' if step is None else f'for step {step}'} in "
+                f"{self.directory}; steps there: {list(self.all_steps())}."
+            )
+        try:
+            record = self.orbax.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
+        except Exception as err:
+            raise ValueError(
+                f"step {step} in {self.directory} has no readable metadata: {err}"
+            ) from err
+        metadata.check_record(record, f"step {step} metadata in {self.directory}")
+        metadata.check_config(record, self.config)
+        if frozen is not None:
+            metadata.check_base(record, _paths.flatten(frozen))
+        abstract = _abstract(_storable(target))
+        try:
+            got = self.orbax.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as err:  # orbax/tensorstore raise many types for damaged files
+            raise ValueError(f"cannot restore step {step} from {self.directory}: {err}") from err
+        s = got["state"]
+        impl = jax.random.key_impl(target.rng)
+        state = TrainState(
+            step=s["step"],
+            lora=s["lora"],
+            opt_state=s["opt_state"],
+            rng=jax.random.wrap_key_data(s["rng"], impl=impl),
+            skipped=s["skipped"],
+        )
+        return state, dict(got["data"] or {})
+
+    def latest_step(self) -> int | None:
+        """The newest complete step on disk, or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def all_steps(self) -> list[int]:
+        """Every complete step on disk, oldest first."""
+        self.orbax.reload()
+        return sorted(self.orbax.all_steps())
+
+    def wait_until_finished(self) -> None:
+        """Blocks until the last save is fully on disk."""
+        self.orbax.wait_until_finished()
+
+    def is_saving(self) -> bool:
+        """Whether a background save is still writing."""
+        return self.orbax.is_saving_in_progress()
+
+    def close(self) -> None:
+        """Waits for pending saves, then releases orbax's resources."""
+        self.orbax.wait_until_finished()
+        self.orbax.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

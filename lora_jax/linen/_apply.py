@@ -1,0 +1,166 @@
+"""`lora_apply` for Flax linen: run a model with adapters, factored wherever a layer is visible.
+
+The adapters of linen layers ride next to their kernel in the ``params`` collection for the
+duration of the call (`lora_jax.linen._inject`), and `flax.linen.intercept_methods` adds
+``s·((dropout(x) @ a) @ b)`` to each layer's untouched output. Which adapters a layer
+consumes is decided before the call, by one abstract trace per structure (`plan`); every
+other adapted parameter is merged (``W + s·a@b``) before the call: same numbers, but it
+costs a weight-sized gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.core._abstract import eval_shape
+from lora_jax.core._paths import flatten, replace
+from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora, scaled_delta
+from lora_jax.linen._inject import (
+    A_SUFFIX,
+    B_SUFFIX,
+    adapted,
+    check_variables,
+    dropout,
+    dropout_rates,
+    inject,
+)
+
+__all__ = ["lora_apply", "routes", "plan"]
+
+
+def _interceptor(
+    adapters: Mapping[str, LoraWeights], rates: Mapping[str, float], seen: dict[str, str]
+) -> Callable:
+    """Adds ``s·((dropout(x) @ a) @ b)`` to each supported layer that carries an adapter."""
+
+    def intercept(next_fun, args, kwargs, context):
+        found = adapted(context, args, kwargs)
+        if found is None:
+            return next_fun(*args, **kwargs)
+        module, site, a, b, path, x = found
+        seen[path] = type(module).__name__
+        y = next_fun(*args, **kwargs)
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(y.dtype)
+            if rates.get(path, 0.0) > 0.0:
+                x = dropout(module, path, x, rates[path])
+        d = site.low_rank.delta(x, a.astype(y.dtype), b.astype(y.dtype), adapters[path].scale)
+        return y + d.astype(y.dtype)
+
+    return intercept
+
+
+def _variables(frozen: Any, adapters: Mapping[str, LoraWeights], factored: frozenset[str]) -> Any:
+    """`frozen` with the factored adapters injected and every other adapter merged."""
+    flat = flatten(frozen)
+    entries, merged = {}, {}
+    for path, w in adapters.items():
+        if path in factored:
+            entries[path + A_SUFFIX], entries[path + B_SUFFIX] = w.a, w.b
+        else:
+            merged[path] = flat[path] + scaled_delta(w, w.scale, flat[path].dtype)  # type: ignore[arg-type]
+    variables = replace(frozen, merged)
+    return inject(variables, entries) if entries else variables
+
+
+def _injectable(frozen: Any, adapters: Mapping[str, Any]) -> frozenset[str]:
+    if not isinstance(frozen, Mapping):
+        return frozenset()
+    return frozenset(p for p in adapters if p.startswith("params/"))
+
+
+def plan(
+    apply_fn: Callable[..., Any], frozen: Any, lora: Any, args: tuple, kwargs: dict
+) -> dict[str, str]:
+    """``{path: layer class}`` of the adapters a supported layer consumes in this call.
+
+    One abstract trace (`jax.eval_shape`, no FLOPs) with every injectable adapter placed
+    next to its kernel; works on concrete arrays and on tracers alike.
+    """
+    adapters = flatten_lora(lora)
+    candidates = _injectable(frozen, adapters)
+    if not candidates:
+        return {}
+    seen: dict[str, str] = {}
+
+    def trace(frozen_: Any, lora_: Any, args_: tuple, kwargs_: dict) -> Any:
+        ws = flatten_lora(lora_)
+        with nn.intercept_methods(_interceptor(ws, {}, seen)):
+            return apply_fn(_variables(frozen_, ws, candidates), *args_, **kwargs_)
+
+    eval_shape(trace, frozen, lora, args, kwargs)
+    return seen
+
+
+def _signature(tree: Any) -> tuple:
+    """A hashable key for a call's structure: the tree structure, array shapes and dtypes,
+    and every other leaf's value (flags such as ``train=True`` change what runs)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    sig = []
+    for leaf in leaves:
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            sig.append((tuple(np.shape(leaf)), str(leaf.dtype)))
+        else:
+            try:
+                hash(leaf)
+                sig.append((type(leaf).__name__, leaf))
+            except TypeError:
+                sig.append((type(leaf).__name__, id(leaf)))
+    return treedef, tuple(sig)
+
+
+def lora_apply(apply_fn: Callable[..., Any], *, deterministic: bool = False) -> Callable[..., Any]:
+    """Wraps a Flax linen ``model.apply`` so it runs the base plus the adapters.
+
+    See `lora_jax.lora_apply` (which also takes an NNX graphdef) for the full contract.
+
+    Args:
+        apply_fn: the model's apply function, ``apply_fn(variables, *args, **kwargs)``.
+        deterministic: never run LoRA dropout (evaluation), and do not warn about it.
+
+    Returns:
+        ``apply(frozen, lora, *args, **kwargs)``, returning what `apply_fn` returns.
+    """
+    if not callable(apply_fn):
+        raise TypeError(
+            f"`apply_fn` must be a model's apply function (model.apply) or an NNX graphdef; "
+            f"found {type(apply_fn).__name__}."
+        )
+    plans: dict[tuple, frozenset[str]] = {}
+
+    def apply(frozen: Any, lora: Any, *args: Any, **kwargs: Any) -> Any:
+        adapters = flatten_lora(lora)
+        check_variables(apply_fn, frozen, list(adapters))
+        check_fits(flatten(frozen), adapters)
+        key = _signature((frozen, lora, args, kwargs))
+        if key not in plans:
+            plans[key] = frozenset(plan(apply_fn, frozen, lora, args, kwargs))
+        factored = plans[key]
+        rates = dropout_rates({p: w.dropout for p, w in adapters.items()}, kwargs, deterministic)
+        merged_with_dropout = sorted(p for p in adapters if p not in factored and rates[p] > 0)
+        if merged_with_dropout:
+            warnings.warn(
+                f"LoRA dropout is not applied on merged paths: {merged_with_dropout}.",
+                stacklevel=2,
+            )
+        seen: dict[str, str] = {}
+        with nn.intercept_methods(_interceptor(adapters, rates, seen)):
+            return apply_fn(_variables(frozen, adapters, factored), *args, **kwargs)
+
+    return apply
+
+
+def routes(apply_fn: Callable[..., Any], frozen: Any, lora: Any, *args: Any, **kwargs: Any) -> dict[str, str]:
+    """``{path: "factored (<Layer>)" | "merged"}`` for a linen model: see `lora_jax.routes`."""
+    adapters = flatten_lora(lora)
+    check_variables(apply_fn, frozen, list(adapters))
+    check_fits(flatten(frozen), adapters)
+    seen = plan(apply_fn, frozen, lora, args, kwargs)
+    return {p: f"factored ({seen[p]})" if p in seen else "merged" for p in adapters}

@@ -1,0 +1,79 @@
+"""`infer_layouts`: learn every kernel's layout from the model, by abstract tracing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+
+from lora_jax.core._abstract import eval_shape
+from lora_jax.core._layout import Layout
+from lora_jax.core._paths import flatten
+from lora_jax.linen._sites import kernel_path, site
+
+__all__ = ["infer_layouts"]
+
+
+def infer_layouts(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: Any) -> dict:
+    """Learns the layout of every kernel the model's Flax linen layers use, without running it.
+
+    Traces ``apply_fn(variables, *args, **kwargs)`` with `jax.eval_shape` (no FLOPs) and
+    records, for each `nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`, `nn.Embed` and `nn.Conv`
+    call, the kernel's path, module kind and axes. A kernel with more axes than the layer
+    sees (from `nn.scan` or `nn.vmap`) gets leading stack axes.
+
+    Args:
+        apply_fn: the model's apply function, e.g. ``model.apply``.
+        variables: what `apply_fn` takes first (a variables dict).
+        *args: example positional inputs (arrays or `jax.ShapeDtypeStruct`).
+        **kwargs: keyword arguments for `apply_fn` (``rngs``, ``method``...).
+
+    Returns:
+        ``{path: Layout}`` for every kernel seen; pass it to `lora_jax.split` as
+        ``layouts=``.
+
+    Raises:
+        ValueError: when a kernel's recorded shape does not fit the stored parameter.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> import lora_jax as lj
+        >>> model = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+        >>> x = jnp.ones((1, 3, 8))
+        >>> variables = model.init(jax.random.key(0), x)
+        >>> layouts = lj.infer_layouts(model.apply, variables, x)
+        >>> layouts["params/query/kernel"]
+        Layout(kind='dense', in_axes=(0,), out_axes=(1, 2), stack_axes=())
+    """
+    seen: dict[str, tuple[Layout, tuple[int, ...]]] = {}
+
+    def record(next_fun, args_, kwargs_, context):
+        found = site(context.module, context.method_name, args_, kwargs_)
+        kernel = None if found is None else context.module.scope.get_variable("params", found.param)
+        if found is not None and kernel is not None:
+            path = kernel_path(context.module, found.param)
+            seen.setdefault(path, (found.low_rank.layout, tuple(kernel.shape)))
+        return next_fun(*args_, **kwargs_)
+
+    with nn.intercept_methods(record):
+        eval_shape(apply_fn, variables, *args, **kwargs)
+    return _fit_to_variables(seen, variables)
+
+
+def _fit_to_variables(seen: Mapping[str, tuple[Layout, tuple]], variables: Any) -> dict:
+    leaves = flatten(variables)
+    layouts = {}
+    for path, (layout, call_shape) in seen.items():
+        if path not in leaves:
+            continue
+        shape = tuple(getattr(leaves[path], "shape", ()))
+        n_stack = len(shape) - len(call_shape)
+        if n_stack < 0 or shape[n_stack:] != tuple(call_shape):
+            raise ValueError(
+                f"{path}: the layer saw a kernel of shape {tuple(call_shape)} but the stored "
+                f"parameter has shape {shape}; only leading stacked axes (nn.scan/nn.vmap "
+                f"with variable_axes={{'params': 0}}) are supported."
+            )
+        layouts[path] = layout.restack(n_stack) if n_stack else layout
+    return layouts

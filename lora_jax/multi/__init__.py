@@ -1,0 +1,21 @@
+"""Many adapters on one base: pad, stack, serve mixed batches, combine, merge several.
+
+    >>> import lora_jax as lj
+    >>> "stack_adapters" in lj.multi.__all__
+    True
+"""
+
+from lora_jax.linen._mixed import lora_apply_mixed
+from lora_jax.multi._combine import COMBINATIONS, combine_adapters
+from lora_jax.multi._merge_many import merge_many, unmerge_many
+from lora_jax.multi._stack import pad_rank, stack_adapters
+
+__all__ = [
+    "COMBINATIONS",
+    "combine_adapters",
+    "lora_apply_mixed",
+    "merge_many",
+    "pad_rank",
+    "stack_adapters",
+    "unmerge_many",
+]
