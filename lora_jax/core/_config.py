@@ -13,6 +13,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.core._presets import PRESET_FNS, PRESETS
+
 __all__ = ["LoraConfig", "PRESETS", "INITS", "DROPOUT_RNG"]
 
 TargetSpec = str | Sequence[str] | Callable[[str, Any], bool]
@@ -21,42 +23,6 @@ TargetSpec = str | Sequence[str] | Callable[[str, Any], bool]
 DROPOUT_RNG = "lora_dropout"
 
 INITS = ("normal", "kaiming_uniform", "gaussian", "pissa")
-
-_ATTN_IN = r"query|key|value|q_proj|k_proj|v_proj|qkv|qkv_proj|query_key_value|wq|wk|wv|wqkv|q|k|v"
-_ATTN_OUT = r"out|o_proj|out_proj|wo|o|dense|c_proj"
-_HEADS = r"lm_head|head|logits|classifier|unembed|output_head|score"
-PRESETS = {
-    "attention": (
-        "query/key/value projections (query, key, value, q_proj, k_proj, v_proj, qkv, wq, ...) "
-        "and the attention output (out, o_proj, out_proj, wo, ...) under a module whose name "
-        "contains 'attn' or 'attention'; `kernel` leaves only"
-    ),
-    "all-linear": (
-        f"every dense kernel (leaf `kernel`, not an embedding or a conv), except output heads "
-        f"({_HEADS.replace('|', ', ')})"
-    ),
-}
-
-
-def _preset_attention(path: str, kind: str) -> bool:
-    parts = path.split("/")
-    if len(parts) < 2 or parts[-1] != "kernel" or kind in ("conv", "embed"):
-        return False
-    name = parts[-2]
-    if re.fullmatch(_ATTN_IN, name):
-        return True
-    in_attn = any(re.search("attn|attention", p, re.IGNORECASE) for p in parts[:-2])
-    return bool(re.fullmatch(_ATTN_OUT, name)) and in_attn
-
-
-def _preset_all_linear(path: str, kind: str) -> bool:
-    parts = path.split("/")
-    if parts[-1] != "kernel" or kind in ("conv", "embed"):
-        return False
-    return not any(re.fullmatch(_HEADS, p) for p in parts[:-1])
-
-
-_PRESET_FNS = {"attention": _preset_attention, "all-linear": _preset_all_linear}
 
 
 def _freeze_spec(spec: Any, field: str) -> Any:
@@ -75,7 +41,7 @@ def _freeze_spec(spec: Any, field: str) -> Any:
                 f"`{field}` entries must be regex strings; found {pattern!r} "
                 f"of type {type(pattern).__name__}."
             )
-        if pattern in _PRESET_FNS:
+        if pattern in PRESET_FNS:
             continue
         near = difflib.get_close_matches(pattern, list(PRESETS), n=1, cutoff=0.75)
         if near or re.fullmatch(r"[a-z]+(-[a-z]+)+", pattern):
@@ -282,7 +248,7 @@ def _matching(spec: Any, path: str, leaf: Any, kind: str) -> tuple[str, ...]:
     patterns = (spec,) if isinstance(spec, str) else spec
     hits = []
     for pattern in patterns:
-        preset = _PRESET_FNS.get(pattern)
+        preset = PRESET_FNS.get(pattern)
         if preset(path, kind) if preset else re.fullmatch(pattern, path):
             hits.append(pattern)
     return tuple(hits)
@@ -292,7 +258,7 @@ def require_config(config: Any, where: str) -> LoraConfig:
     """`config` itself, or a TypeError naming `where` when it is not a `LoraConfig`."""
     if not isinstance(config, LoraConfig):
         hint = (
-            " A preset name goes in `targets`: lj.LoraConfig(targets=%r)." % config
+            f" A preset name goes in `targets`: lj.LoraConfig(targets={config!r})."
             if isinstance(config, str)
             else ""
         )
@@ -314,12 +280,17 @@ def unused_pattern_keys(config: LoraConfig, targets: Sequence[str]) -> list[tupl
     return unused
 
 
-def unused_excludes(config: LoraConfig, leaves: Mapping[str, Any], kinds: Mapping[str, str]) -> list[str]:
+def unused_excludes(
+    config: LoraConfig, leaves: Mapping[str, Any], kinds: Mapping[str, str]
+) -> list[str]:
     """The `exclude` patterns (not callables) that match no parameter at all."""
     if config.exclude is None or callable(config.exclude):
         return []
     patterns = (config.exclude,) if isinstance(config.exclude, str) else config.exclude
     return [
-        p for p in patterns
-        if not any(_matching((p,), path, leaf, kinds.get(path, "matrix")) for path, leaf in leaves.items())
+        p
+        for p in patterns
+        if not any(
+            _matching((p,), path, leaf, kinds.get(path, "matrix")) for path, leaf in leaves.items()
+        )
     ]

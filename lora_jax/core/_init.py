@@ -71,7 +71,9 @@ def check_key(key: Any, where: str) -> jax.Array:
     """`key` as a PRNG key, or a TypeError naming the `key` argument of `where`."""
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.shape != ():
-            raise TypeError(f"{where}: `key` must be one PRNG key; found a key array of shape {key.shape}.")
+            raise TypeError(
+                f"{where}: `key` must be one PRNG key; found a key array of shape {key.shape}."
+            )
         return key
     if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,):
         return key  # a raw jax.random.PRNGKey

@@ -212,7 +212,11 @@ def conv_fn(
     any kernel of the same window (``(*window, in, out)``), channels last, no bias; inputs
     with several batch axes or none, as Flax takes them."""
     n = len(window)
-    strides_, in_dil, k_dil = _tuple(strides, n), _tuple(input_dilation, n), _tuple(kernel_dilation, n)
+    strides_, in_dil, k_dil = (
+        _tuple(strides, n),
+        _tuple(input_dilation, n),
+        _tuple(kernel_dilation, n),
+    )
     pad = _padding(padding, n)
 
     def conv(x, kernel):
@@ -232,8 +236,14 @@ def conv_fn(
             x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
         )
         y = lax.conv_general_dilated(
-            x, kernel.astype(x.dtype), strides_, p, lhs_dilation=in_dil, rhs_dilation=k_dil,
-            dimension_numbers=dims, precision=precision,
+            x,
+            kernel.astype(x.dtype),
+            strides_,
+            p,
+            lhs_dilation=in_dil,
+            rhs_dilation=k_dil,
+            dimension_numbers=dims,
+            precision=precision,
         )
         return y.reshape(*batch, *y.shape[1:])
 

@@ -21,8 +21,10 @@ def _shifted(tree: Any, lora: Any, sign: float) -> Any:
                 f"lj.multi.merge_many."
             )
     check_fits(flat, adapters, residuals=sign > 0)
-    new = {path: flat[path] + scaled_delta(w, sign * w.scale, flat[path].dtype)  # type: ignore[operator]
-           for path, w in adapters.items()}
+    new = {
+        path: flat[path] + scaled_delta(w, sign * w.scale, flat[path].dtype)  # type: ignore[operator]
+        for path, w in adapters.items()
+    }
     return replace(tree, new)
 
 
@@ -76,7 +78,8 @@ def unmerge(params: Any, lora: Any) -> Any:
         >>> config = lj.LoraConfig(rank=2, targets=".*/kernel", init="pissa")
         >>> frozen, lora = lj.split(params, config, key=jax.random.key(0))
         >>> back = lj.unmerge(lj.merge(frozen, lora), lora)
-        >>> bool(jnp.allclose(back["params"]["fc"]["kernel"], frozen["params"]["fc"]["kernel"], atol=1e-4))
+        >>> kernel = frozen["params"]["fc"]["kernel"]
+        >>> bool(jnp.allclose(back["params"]["fc"]["kernel"], kernel, atol=1e-4))
         True
     """
     return _shifted(params, lora, -1.0)

@@ -30,7 +30,7 @@ class Summary:
 
     Example:
         >>> import lora_jax as lj
-        >>> s = lj.core.Summary(rows=(), trainable=10, total=1000, adapter_bytes=40, base_bytes=4000)
+        >>> s = lj.core.Summary((), trainable=10, total=1000, adapter_bytes=40, base_bytes=4000)
         >>> s.fraction
         0.01
     """

@@ -72,8 +72,9 @@ class LoraWeights:
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraWeights `dropout` must be in [0, 1); found {self.dropout!r}.")
         object.__setattr__(
-            self, "scale", tuple(float(s) for s in scales) if isinstance(self.scale, tuple)
-            else float(self.scale)
+            self,
+            "scale",
+            tuple(float(s) for s in scales) if isinstance(self.scale, tuple) else float(self.scale),
         )
         object.__setattr__(self, "dropout", float(self.dropout))
 

@@ -127,6 +127,14 @@ def lora_apply(apply_fn: Callable[..., Any], *, deterministic: bool = False) -> 
 
     Returns:
         ``apply(frozen, lora, *args, **kwargs)``, returning what `apply_fn` returns.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, lora_jax as lj
+        >>> model, x = nn.Dense(3), jnp.ones((2, 4))
+        >>> variables = model.init(jax.random.key(0), x)
+        >>> frozen, lora = lj.split(variables, lj.LoraConfig(targets=".*"), key=jax.random.key(1))
+        >>> lj.linen.lora_apply(model.apply)(frozen, lora, x).shape
+        (2, 3)
     """
     if not callable(apply_fn):
         raise TypeError(
@@ -157,8 +165,29 @@ def lora_apply(apply_fn: Callable[..., Any], *, deterministic: bool = False) -> 
     return apply
 
 
-def routes(apply_fn: Callable[..., Any], frozen: Any, lora: Any, *args: Any, **kwargs: Any) -> dict[str, str]:
-    """``{path: "factored (<Layer>)" | "merged"}`` for a linen model: see `lora_jax.routes`."""
+def routes(
+    apply_fn: Callable[..., Any], frozen: Any, lora: Any, *args: Any, **kwargs: Any
+) -> dict[str, str]:
+    """``{path: "factored (<Layer>)" | "merged"}`` for a linen model: see `lora_jax.routes`.
+
+    Args:
+        apply_fn: the model's apply function.
+        frozen: the base from `lora_jax.split`.
+        lora: the adapters.
+        *args: example inputs for `apply_fn`.
+        **kwargs: keyword arguments for `apply_fn`.
+
+    Returns:
+        ``{path: route}`` for every adapter, in tree order.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, lora_jax as lj
+        >>> model, x = nn.Dense(3), jnp.ones((2, 4))
+        >>> variables = model.init(jax.random.key(0), x)
+        >>> frozen, lora = lj.split(variables, lj.LoraConfig(targets=".*"), key=jax.random.key(1))
+        >>> lj.linen.routes(model.apply, frozen, lora, x)
+        {'params/kernel': 'factored (Dense)'}
+    """
     adapters = flatten_lora(lora)
     check_variables(apply_fn, frozen, list(adapters))
     check_fits(flatten(frozen), adapters)

@@ -19,7 +19,15 @@ import jax.numpy as jnp
 from lora_jax.core._config import DROPOUT_RNG
 from lora_jax.linen._sites import Site, kernel_path, site
 
-__all__ = ["A_SUFFIX", "B_SUFFIX", "adapted", "check_variables", "dropout", "dropout_rates", "inject"]
+__all__ = [
+    "A_SUFFIX",
+    "B_SUFFIX",
+    "adapted",
+    "check_variables",
+    "dropout",
+    "dropout_rates",
+    "inject",
+]
 
 A_SUFFIX, B_SUFFIX = ":lora_a", ":lora_b"
 
@@ -47,7 +55,9 @@ def dropout(module: nn.Module, path: str, x: jax.Array, rate: float) -> jax.Arra
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def adapted(context: Any, args: tuple, kwargs: dict) -> tuple[nn.Module, Site, Any, Any, str, Any] | None:
+def adapted(
+    context: Any, args: tuple, kwargs: dict
+) -> tuple[nn.Module, Site, Any, Any, str, Any] | None:
     """``(module, site, a, b, kernel path, input)`` of an intercepted call to a supported
     layer that carries an adapter; None for any other call."""
     module = context.module
