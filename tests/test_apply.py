@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import flax.linen as nn
 import hypothesis.strategies as st
 import jax
@@ -37,17 +39,17 @@ def test_dense_property(batch, d_in, d_out, rank_frac, dtype, init, seed):
     config = lj.LoraConfig(rank=rank, alpha=2.0 * rank, targets=".*/kernel", init=init)
     frozen, lora = lj.split(variables, config, key=jax.random.key(seed + 2))
     assert frozen is variables
-    merged_at_init = lj.merge(frozen, lora, config)  # split, then combine: the input
+    merged_at_init = lj.merge(frozen, lora)  # split, then combine: the input
     for got, want in zip(jax.tree.leaves(merged_at_init), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    apply = lj.lora_apply(model.apply, config)
+    apply = lj.lora_apply(model.apply)
     y0 = apply(frozen, lora, x)
     np.testing.assert_array_equal(np.asarray(y0), np.asarray(model.apply(variables, x)))
     assert y0.dtype == dt and lora["params"]["kernel"].a.dtype == jnp.float32
 
     lora = perturb(lora, jax.random.key(seed + 3), 0.2)
     y = apply(frozen, lora, x)
-    merged = model.apply(lj.merge(frozen, lora, config), x)
+    merged = model.apply(lj.merge(frozen, lora), x)
     w = lora["params"]["kernel"]
     ref = (
         as_f64(x) @ as_f64(variables["params"]["kernel"])
@@ -58,7 +60,7 @@ def test_dense_property(batch, d_in, d_out, rank_frac, dtype, init, seed):
     scale = 1.0 + np.abs(ref).max()
     np.testing.assert_allclose(as_f64(y), ref, atol=tol * scale, rtol=tol)
     np.testing.assert_allclose(as_f64(merged), ref, atol=tol * scale, rtol=tol)
-    back = lj.unmerge(lj.merge(frozen, lora, config), lora, config)
+    back = lj.unmerge(lj.merge(frozen, lora), lora)
     np.testing.assert_allclose(
         as_f64(back["params"]["kernel"]), as_f64(variables["params"]["kernel"]), atol=tol * 4
     )
@@ -68,22 +70,22 @@ def test_tiny_at_init_is_bitwise_base(tiny):
     model, variables, ids, layouts = tiny
     config = lj.LoraConfig(rank=3, targets=[".*/kernel", ".*/embedding", ".*/gate"])
     frozen, lora = lj.split(variables, config, key=jax.random.key(2), layouts=layouts)
-    y = lj.lora_apply(model.apply, config)(frozen, lora, ids)
+    y = lj.lora_apply(model.apply)(frozen, lora, ids)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(model.apply(variables, ids)))
 
 
 def test_tiny_factored_equals_merged(tiny, tiny_lora):
     model, _, ids, _ = tiny
     config, frozen, lora = tiny_lora
-    y = jax.jit(lj.lora_apply(model.apply, config))(frozen, lora, ids)
-    ref = model.apply(lj.merge(frozen, lora, config), ids)
+    y = jax.jit(lj.lora_apply(model.apply))(frozen, lora, ids)
+    ref = model.apply(lj.merge(frozen, lora), ids)
     assert np.abs(np.asarray(y) - np.asarray(model.apply(frozen, ids))).max() > 1e-2
     np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
 
 
 def test_unmerge_recovers_base(tiny, tiny_lora):
     config, frozen, lora = tiny_lora
-    back = lj.unmerge(lj.merge(frozen, lora, config), lora, config)
+    back = lj.unmerge(lj.merge(frozen, lora), lora)
     for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(frozen), strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
@@ -91,7 +93,7 @@ def test_unmerge_recovers_base(tiny, tiny_lora):
 def test_grad_is_nonzero_for_a_and_b(tiny, tiny_lora):
     model, _, ids, _ = tiny
     config, frozen, lora = tiny_lora
-    apply = lj.lora_apply(model.apply, config)
+    apply = lj.lora_apply(model.apply)
     grads = jax.jit(jax.grad(lambda lo: jnp.sum(apply(frozen, lo, ids) ** 2)))(lora)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
@@ -126,9 +128,9 @@ def test_no_kernel_sized_gradient(factored):
     config = lj.LoraConfig(rank=4, targets=".*/kernel")
     frozen, lora = lj.split(variables, config, key=jax.random.key(1))
     if factored:
-        apply = lj.lora_apply(model.apply, config)
+        apply = lj.lora_apply(model.apply)
     else:
-        apply = lambda f, lo, x: model.apply(lj.merge(f, lo, config), x)
+        apply = lambda f, lo, x: model.apply(lj.merge(f, lo), x)
     loss = lambda lo: jnp.sum(apply(frozen, lo, x))
     shapes = set(_dot_shapes(jax.make_jaxpr(jax.grad(loss))(lora).jaxpr))
     kernel_shapes = {(32, 40), (40, 32), (40, 24), (24, 40)}
@@ -138,7 +140,7 @@ def test_no_kernel_sized_gradient(factored):
 def test_one_trace_for_many_lora_values(tiny, tiny_lora):
     model, _, ids, _ = tiny
     config, frozen, lora = tiny_lora
-    apply = lj.lora_apply(model.apply, config)
+    apply = lj.lora_apply(model.apply)
     traces = []
 
     @jax.jit
@@ -156,7 +158,7 @@ def test_vmap_over_inputs(mlp):
     config = lj.LoraConfig(rank=2, targets=".*/kernel")
     frozen, lora = lj.split(variables, config, key=jax.random.key(1))
     lora = perturb(lora, jax.random.key(2))
-    apply = lj.lora_apply(model.apply, config)
+    apply = lj.lora_apply(model.apply)
     batched = jax.vmap(lambda xi: apply(frozen, lora, xi))(x)
     single = jnp.stack([apply(frozen, lora, xi) for xi in x])
     np.testing.assert_allclose(batched, single, rtol=1e-6, atol=1e-6)
@@ -168,7 +170,7 @@ def test_vmap_over_adapters(mlp):
     frozen, lora = lj.split(variables, config, key=jax.random.key(1))
     loras = [perturb(lora, jax.random.key(i)) for i in range(3)]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *loras)
-    apply = lj.lora_apply(model.apply, config)
+    apply = lj.lora_apply(model.apply)
     out = jax.vmap(lambda lo: apply(frozen, lo, x))(stacked)
     for i, lo in enumerate(loras):
         np.testing.assert_allclose(out[i], apply(frozen, lo, x), rtol=1e-6, atol=1e-6)
@@ -179,9 +181,15 @@ def test_dropout_only_with_rng_and_unbiased(mlp):
     config = lj.LoraConfig(rank=4, targets=".*/fc1/kernel", dropout=0.5)
     frozen, lora = lj.split(variables, config, key=jax.random.key(1))
     lora = perturb(lora, jax.random.key(2), 0.5)
-    apply = jax.jit(lj.lora_apply(model.apply, config))
-    plain = apply(frozen, lora, x)
+    apply = jax.jit(lj.lora_apply(model.apply))
+    with pytest.warns(UserWarning, match=r"LoRA dropout .* no 'lora_dropout' rng"):
+        plain = apply(frozen, lora, x)  # no rng: no dropout, and a warning says so
     np.testing.assert_array_equal(plain, apply(frozen, lora, x))  # deterministic without rng
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # deterministic=True: the same numbers, no warning
+        evaluate = lj.lora_apply(model.apply, deterministic=True)
+        np.testing.assert_array_equal(plain, evaluate(frozen, lora, x))
+        evaluate(frozen, lora, x, rngs={lj.DROPOUT_RNG: jax.random.key(5)})
     rngs = lambda k: {lj.DROPOUT_RNG: k}
     one = apply(frozen, lora, x, rngs=rngs(jax.random.key(5)))
     np.testing.assert_array_equal(one, apply(frozen, lora, x, rngs=rngs(jax.random.key(5))))
@@ -192,13 +200,14 @@ def test_dropout_only_with_rng_and_unbiased(mlp):
     dconfig = lj.LoraConfig(rank=4, targets=".*/kernel", dropout=0.5)
     f, lo = lj.split(dv, dconfig, key=jax.random.key(1))
     lo = perturb(lo, jax.random.key(2), 0.5)
-    dapply = lj.lora_apply(dense.apply, dconfig)
+    dapply = lj.lora_apply(dense.apply)
     n = 4000
     samples = jax.vmap(lambda k: dapply(f, lo, x, rngs=rngs(k)))(
         jax.random.split(jax.random.key(7), n)
     )
     stderr = np.asarray(samples.std(0)) / np.sqrt(n)
-    assert (np.abs(np.asarray(samples.mean(0) - dapply(f, lo, x))) < 5 * stderr + 1e-6).all()
+    mean = lj.lora_apply(dense.apply, deterministic=True)(f, lo, x)
+    assert (np.abs(np.asarray(samples.mean(0) - mean)) < 5 * stderr + 1e-6).all()
 
 
 def test_dropout_inside_scan_needs_split_rngs():
@@ -214,18 +223,17 @@ def test_dropout_inside_scan_needs_split_rngs():
         key=jax.random.key(1),
         layouts=lj.infer_layouts(model.apply, variables, x),
     )
-    apply = lj.lora_apply(model.apply, config)
+    apply = lj.lora_apply(model.apply)
     with pytest.raises(ValueError, match=r"params/layers/fc/kernel: .*split_rngs"):
         apply(frozen, lora, x, rngs={lj.DROPOUT_RNG: jax.random.key(0)})
 
 
 def test_tiny_dropout_runs_in_scan_with_split_rngs(tiny, tiny_lora):
     model, _, ids, _ = tiny
-    config, frozen, lora = tiny_lora
-    config = lj.LoraConfig(
-        rank=3, alpha=6.0, targets=[".*/kernel", ".*/embedding", ".*/gate"], dropout=0.2
-    )
-    apply = lj.lora_apply(model.apply, config)
+    _, frozen, lora = tiny_lora
+    is_w = lambda w: isinstance(w, lj.LoraWeights)
+    lora = jax.tree.map(lambda w: w.replace(dropout=0.2), lora, is_leaf=is_w)
+    apply = lj.lora_apply(model.apply)
     with pytest.warns(UserWarning, match="not applied on merged paths"):
         y = apply(frozen, lora, ids, rngs={lj.DROPOUT_RNG: jax.random.key(0)})
     assert np.isfinite(np.asarray(y)).all()
@@ -238,7 +246,7 @@ def test_bf16_base_keeps_dtypes(tiny):
     frozen, lora = lj.split(bf16, config, key=jax.random.key(0), layouts=layouts)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(lora))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(frozen))
-    merged = lj.merge(frozen, perturb(lora, jax.random.key(1)), config)
+    merged = lj.merge(frozen, perturb(lora, jax.random.key(1)))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(merged))
 
 
@@ -249,16 +257,16 @@ def test_plain_function_uses_merged_path():
     frozen, lora = lj.split(params, config, key=jax.random.key(0))
     lora = perturb(lora, jax.random.key(1))
     x = jnp.ones((2, 4))
-    y = lj.lora_apply(fn, config)(frozen, lora, x)
-    np.testing.assert_allclose(y, fn(lj.merge(frozen, lora, config), x), rtol=1e-6)
-    assert lj.routes(fn, config, frozen, lora, x) == {"w": "merged"}
+    y = lj.lora_apply(fn)(frozen, lora, x)
+    np.testing.assert_allclose(y, fn(lj.merge(frozen, lora), x), rtol=1e-6)
+    assert lj.routes(fn, frozen, lora, x) == {"w": "merged"}
 
 
 def test_lora_that_does_not_fit_frozen(mlp, tiny):
     model, variables, x = mlp
     config = lj.LoraConfig(rank=2, targets=".*/kernel")
     _, lora = lj.split(variables, config, key=jax.random.key(0))
-    apply = lj.lora_apply(model.apply, config)
+    apply = lj.lora_apply(model.apply)
     _, tiny_vars, _, _ = tiny
     with pytest.raises(ValueError, match=r"'params/fc1/kernel', which is not a parameter"):
         apply(tiny_vars, lora, x)
@@ -268,7 +276,7 @@ def test_lora_that_does_not_fit_frozen(mlp, tiny):
     ):
         apply(bigger, lora, x)
     with pytest.raises(ValueError, match="do not fit"):
-        lj.merge(bigger, lora, config)
+        lj.merge(bigger, lora)
     with pytest.raises(TypeError, match="must hold only LoraWeights"):
         apply(variables, {"params": {"fc1": {"kernel": jnp.ones(3)}}}, x)
 
@@ -300,13 +308,13 @@ def test_attention_property(d_model, heads, head_dim, rank, seed):
     config = lj.LoraConfig(rank=rank, alpha=3.0, targets="attention")
     frozen, lora = lj.split(variables, config, key=jax.random.key(seed + 2), layouts=layouts)
     # Both jitted: XLA's fused code and op-by-op execution of the base itself differ in ulps.
-    apply = jax.jit(lj.lora_apply(model.apply, config))
+    apply = jax.jit(lj.lora_apply(model.apply))
     np.testing.assert_array_equal(apply(frozen, lora, x), jax.jit(model.apply)(variables, x))
-    merged = lj.merge(frozen, lora, config)
+    merged = lj.merge(frozen, lora)
     for got, want in zip(jax.tree.leaves(merged), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     lora = perturb(lora, jax.random.key(seed + 3), 0.3)
-    merged = lj.merge(frozen, lora, config)
+    merged = lj.merge(frozen, lora)
     np.testing.assert_allclose(apply(frozen, lora, x), model.apply(merged, x), rtol=2e-5, atol=2e-5)
     w = lora["params"]["query"]["kernel"]  # NumPy reference of one merged kernel
     ref = as_f64(variables["params"]["query"]["kernel"]) + (3.0 / rank) * np.tensordot(
@@ -332,7 +340,7 @@ def test_pissa_split_then_merge_returns_the_tree(d_in, d_out, stack, seed):
     frozen, lora = lj.split(
         {"w": w, "b": jnp.ones(3)}, config, key=jax.random.key(0), layouts=layouts
     )
-    back = lj.merge(frozen, lora, config)
+    back = lj.merge(frozen, lora)
     np.testing.assert_allclose(back["w"], w, atol=2e-5)
     np.testing.assert_array_equal(back["b"], jnp.ones(3))
 
@@ -352,5 +360,5 @@ def test_static_flags_and_shape_structs_in_abstract_traces():
     config = lj.LoraConfig(rank=1, targets=".*/kernel")
     frozen, lora = lj.split(variables, config, key=jax.random.key(0))
     rngs = {"dropout": jax.random.key(1)}
-    routes = lj.routes(model.apply, config, frozen, lora, x, True, rngs=rngs)
+    routes = lj.routes(model.apply, frozen, lora, x, True, rngs=rngs)
     assert routes == {"params/Dense_0/kernel": "factored (Dense)"}

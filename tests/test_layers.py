@@ -20,7 +20,7 @@ def _setup(model, x, targets, rank=2, alpha=3.0, **kw):
     config = lj.LoraConfig(rank=rank, alpha=alpha, targets=targets)
     frozen, lora = lj.split(variables, config, key=jax.random.key(1), layouts=layouts)
     lora = perturb(lora, jax.random.key(2), 0.3)
-    apply = lj.lora_apply(model.apply, config)
+    apply = lj.lora_apply(model.apply)
     return config, frozen, lora, apply
 
 
@@ -139,7 +139,7 @@ def test_scanned_layers_carry_stack_axis_and_match_numpy():
 def test_every_kind_is_factored_in_tiny(tiny, tiny_lora):
     model, _, ids, _ = tiny
     config, frozen, lora = tiny_lora
-    routes = lj.routes(model.apply, config, frozen, lora, ids)
+    routes = lj.routes(model.apply, frozen, lora, ids)
     assert routes["params/gate"] == "merged"
     kinds = {r for p, r in routes.items() if p != "params/gate"}
     assert kinds == {
