@@ -76,7 +76,7 @@ def test_tiny_at_init_is_bitwise_base(tiny):
 
 def test_tiny_factored_equals_merged(tiny, tiny_lora):
     model, _, ids, _ = tiny
-    config, frozen, lora = tiny_lora
+    _, frozen, lora = tiny_lora
     y = jax.jit(lj.lora_apply(model.apply))(frozen, lora, ids)
     ref = model.apply(lj.merge(frozen, lora), ids)
     assert np.abs(np.asarray(y) - np.asarray(model.apply(frozen, ids))).max() > 1e-2
@@ -84,7 +84,7 @@ def test_tiny_factored_equals_merged(tiny, tiny_lora):
 
 
 def test_unmerge_recovers_base(tiny, tiny_lora):
-    config, frozen, lora = tiny_lora
+    _, frozen, lora = tiny_lora
     back = lj.unmerge(lj.merge(frozen, lora), lora)
     for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(frozen), strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
@@ -92,7 +92,7 @@ def test_unmerge_recovers_base(tiny, tiny_lora):
 
 def test_grad_is_nonzero_for_a_and_b(tiny, tiny_lora):
     model, _, ids, _ = tiny
-    config, frozen, lora = tiny_lora
+    _, frozen, lora = tiny_lora
     apply = lj.lora_apply(model.apply)
     grads = jax.jit(jax.grad(lambda lo: jnp.sum(apply(frozen, lo, ids) ** 2)))(lora)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -139,7 +139,7 @@ def test_no_kernel_sized_gradient(factored):
 
 def test_one_trace_for_many_lora_values(tiny, tiny_lora):
     model, _, ids, _ = tiny
-    config, frozen, lora = tiny_lora
+    _, frozen, lora = tiny_lora
     apply = lj.lora_apply(model.apply)
     traces = []
 

@@ -138,7 +138,7 @@ def test_scanned_layers_carry_stack_axis_and_match_numpy():
 
 def test_every_kind_is_factored_in_tiny(tiny, tiny_lora):
     model, _, ids, _ = tiny
-    config, frozen, lora = tiny_lora
+    _, frozen, lora = tiny_lora
     routes = lj.routes(model.apply, frozen, lora, ids)
     assert routes["params/gate"] == "merged"
     kinds = {r for p, r in routes.items() if p != "params/gate"}
