@@ -20,7 +20,7 @@ def main() -> None:
     config = lj.LoraConfig(rank=256, targets="w")
     _, lora = lj.split({"w": jnp.zeros((4096, 4096))}, config, key=jax.random.key(0))
     state = lj.TrainState.create(lora, optax.adam(1e-3), key=jax.random.key(1))
-    with lj.CheckpointManager(directory, config, max_to_keep=100) as mgr:
+    with lj.CheckpointManager(directory, max_to_keep=100) as mgr:
         step = 1
         while True:
             state = state.replace(step=jnp.asarray(step, jnp.int32))

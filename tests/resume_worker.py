@@ -13,7 +13,7 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import jax
     import numpy as np
-    from problem import CONFIG, batches, loss_fn, optimizer, start
+    from problem import batches, loss_fn, optimizer, start
 
     import lora_jax as lj
 
@@ -21,7 +21,7 @@ def main() -> None:
     data = batches(20)
     frozen, state = start()
     step = lj.make_train_step(loss_fn, optimizer())
-    with lj.CheckpointManager(directory, CONFIG) as mgr:
+    with lj.CheckpointManager(directory) as mgr:
         if mode == "first":
             for i in range(10):
                 state, _ = step(state, frozen, data[i])

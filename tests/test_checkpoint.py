@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -13,8 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
+from helpers import as_f64, perturb
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from models import Mlp
 from problem import APPLY, CONFIG, batches, loss_fn, optimizer, start
 
 import lora_jax as lj
@@ -37,36 +41,93 @@ def _trained(steps=3):
 
 def test_adapter_round_trip_is_bit_identical(tmp_path):
     frozen, state = _trained()
-    lj.save_adapter(tmp_path / "a", state.lora, CONFIG)
-    lora, config = lj.load_adapter(tmp_path / "a", frozen)
-    assert config == CONFIG
-    assert jax.tree.structure(lora) == jax.tree.structure(state.lora)  # layouts included
+    lj.save_adapter(tmp_path / "a", state.lora)
+    lora = lj.load_adapter(tmp_path / "a", frozen=frozen)
+    # the structure holds the static metadata: layouts, scales, dropout, residual norms
+    assert jax.tree.structure(lora) == jax.tree.structure(state.lora)
     _leaves_equal(lora, state.lora)
     x = batches(1)[0]["x"]
     np.testing.assert_array_equal(APPLY(frozen, lora, x), APPLY(frozen, state.lora, x))
     files = {p.name for p in (tmp_path / "a").iterdir()}
-    assert files == {"arrays", lj.METADATA_FILE}
-    meta = json.loads((tmp_path / "a" / lj.METADATA_FILE).read_text())
-    assert meta["format_version"] == 1 and meta["config"]["rank"] == 4
-    assert meta["adapters"]["params/fc1/kernel"]["kernel_shape"] == [32, 128]
+    assert files == {"arrays", lj.io.METADATA_FILE}
+    meta = json.loads((tmp_path / "a" / lj.io.METADATA_FILE).read_text())
+    assert meta == lj.io.read_metadata(tmp_path / "a")
+    assert meta["format_version"] == 2 and meta["library_version"] == lj.__version__
+    assert meta["config"] is None
+    entry = meta["adapters"]["params/fc1/kernel"]
+    assert entry["kernel_shape"] == [32, 128] and entry["rank"] == 4
+    assert entry["scale"] == CONFIG.alpha / CONFIG.rank and entry["dropout"] == 0.0
+    assert entry["kind"] == "matrix" and entry["dtype"] == "float32"
 
 
-def test_callable_targets_are_stored_as_paths(tmp_path):
+def test_config_is_recorded_for_information_only(tmp_path):
     config = lj.LoraConfig(rank=2, targets=lambda p, x: p.endswith("fc2/kernel"))
     frozen, lora = lj.split(start()[0], config, key=jax.random.key(0))
-    lj.save_adapter(tmp_path / "a", lora, config)
-    _, loaded = lj.load_adapter(tmp_path / "a")
-    assert list(lj.select_targets(frozen, loaded)) == ["params/fc2/kernel"]
+    lj.save_adapter(tmp_path / "a", lora, config=config)
+    record = lj.io.read_metadata(tmp_path / "a")
+    assert record["config"]["targets"] == [re.escape("params/fc2/kernel")]  # what it selected
+    assert record["config"]["rank"] == 2
+    loaded = lj.load_adapter(tmp_path / "a", frozen=frozen)
+    assert list(loaded["params"]) == ["fc2"]
+
+
+def _mlp_reference(variables, lora, x, scales):
+    """The Mlp forward in float64 NumPy, each kernel W + s·a@b with the given scales."""
+    h = as_f64(x)
+    for i, name in enumerate(("fc1", "fc2")):
+        p, w = variables["params"][name], lora["params"][name]["kernel"]
+        kernel = as_f64(p["kernel"]) + scales[name] * as_f64(w.a) @ as_f64(w.b)
+        h = h @ kernel + as_f64(p["bias"])
+        h = np.tanh(h) if i == 0 else h
+    return h
+
+
+def _close(got, want, rtol=1e-5):
+    got = np.asarray(got, np.float64)
+    assert np.abs(got - want).max() <= rtol * np.abs(want).max(), np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_saved_adapter_restores_with_its_scales(tmp_path, use_rslora):
+    """split(alpha=16) -> save -> load -> apply / merge / checkpoint: no config past split,
+    and every result equals the float64 reference with s = 16/r (16/sqrt(r) with rsLoRA)."""
+    model, x = Mlp(hidden=16, out=4), jax.random.normal(jax.random.key(1), (3, 8))
+    variables = model.init(jax.random.key(0), x)
+    config = lj.LoraConfig(
+        rank=4, alpha=16.0, targets=".*/kernel", rank_pattern={"fc2": 2}, use_rslora=use_rslora
+    )
+    frozen, lora = lj.split(variables, config, key=jax.random.key(2))
+    lora = perturb(lora, jax.random.key(3))
+    root = np.sqrt if use_rslora else (lambda r: r)
+    scales = {"fc1": 16.0 / root(4), "fc2": 16.0 / root(2)}
+    want = _mlp_reference(frozen, lora, x, scales)
+    lj.save_adapter(tmp_path / "a", lora)
+    loaded = lj.load_adapter(tmp_path / "a", frozen=frozen)
+    for name, s in scales.items():
+        assert loaded["params"][name]["kernel"].scale == pytest.approx(s, rel=1e-12)
+    _close(lj.lora_apply(model.apply)(frozen, loaded, x), want)
+    merged = lj.merge(frozen, loaded)
+    _close(model.apply(merged, x), want)
+    for name, s in scales.items():
+        w = loaded["params"][name]["kernel"]
+        kernel = as_f64(frozen["params"][name]["kernel"]) + s * as_f64(w.a) @ as_f64(w.b)
+        _close(merged["params"][name]["kernel"], kernel)
+    # a checkpoint round trip onto a target built from the loaded adapter
+    target = lj.TrainState.create(loaded, optax.adam(1e-3), key=jax.random.key(4))
+    with lj.CheckpointManager(tmp_path / "ckpt") as mgr:
+        mgr.save(1, lj.TrainState.create(lora, optax.adam(1e-3), key=jax.random.key(4)))
+        restored, _ = mgr.restore(target)
+    _close(lj.lora_apply(model.apply)(frozen, restored.lora, x), want)
 
 
 def test_save_refuses_to_clobber_and_overwrites_atomically(tmp_path):
     _, state = _trained(1)
-    lj.save_adapter(tmp_path / "a", state.lora, CONFIG)
+    lj.save_adapter(tmp_path / "a", state.lora)
     with pytest.raises(ValueError, match="exists; pass overwrite=True"):
-        lj.save_adapter(tmp_path / "a", state.lora, CONFIG)
+        lj.save_adapter(tmp_path / "a", state.lora)
     zeros = jax.tree.map(jnp.zeros_like, state.lora)
-    lj.save_adapter(tmp_path / "a", zeros, CONFIG, overwrite=True)
-    _leaves_equal(lj.load_adapter(tmp_path / "a")[0], zeros)
+    lj.save_adapter(tmp_path / "a", zeros, overwrite=True)
+    _leaves_equal(lj.load_adapter(tmp_path / "a"), zeros)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
@@ -74,7 +135,7 @@ def test_adapter_size_is_close_to_raw_bytes(tmp_path):
     config = lj.LoraConfig(rank=64, targets="w")
     _, lora = lj.split({"w": jnp.ones((2048, 2048))}, config, key=jax.random.key(0))
     lora = jax.tree.map(lambda x: x + 1.0, lora)  # no all-zero shortcut in the files
-    lj.save_adapter(tmp_path / "a", lora, config)
+    lj.save_adapter(tmp_path / "a", lora)
     raw = sum(x.nbytes for x in jax.tree.leaves(lora))
     disk = sum(p.stat().st_size for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert disk <= 1.2 * raw + 64 * 1024, (disk, raw)
@@ -82,22 +143,25 @@ def test_adapter_size_is_close_to_raw_bytes(tmp_path):
 
 def test_manager_round_trip_and_data_position(tmp_path):
     frozen, state = _trained()
-    with lj.CheckpointManager(tmp_path, CONFIG) as mgr:
+    with lj.CheckpointManager(tmp_path) as mgr:
         assert mgr.save(3, state, data_position={"epoch": 1, "offset": 48})
         mgr.wait_until_finished()
         restored, position = mgr.restore(state, frozen=frozen)
+        meta = mgr.orbax.restore(3, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    assert meta["adapters"]["params/fc2/kernel"]["scale"] == CONFIG.alpha / CONFIG.rank
     assert position == {"epoch": 1, "offset": 48}
     _leaves_equal(restored.lora, state.lora)
     _leaves_equal(restored.opt_state, state.opt_state)
     assert int(restored.step) == int(state.step)
     np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(state.rng))
     assert not any((tmp_path / "3" / "state").rglob("*frozen*"))
+    assert jax.tree.structure(restored.lora) == jax.tree.structure(state.lora)
 
 
 def test_retention_keeps_latest_and_best(tmp_path):
     _, state = _trained(1)
     losses = {1: 0.5, 2: 0.1, 3: 0.9, 4: 0.8, 5: 0.7}
-    with lj.CheckpointManager(tmp_path, CONFIG, max_to_keep=2, best_metric="loss") as mgr:
+    with lj.CheckpointManager(tmp_path, max_to_keep=2, best_metric="loss") as mgr:
         for step, loss in losses.items():
             mgr.save(step, state, metrics={"loss": loss})
         mgr.wait_until_finished()
@@ -108,7 +172,7 @@ def test_async_save_returns_before_the_write_ends(tmp_path):
     config = lj.LoraConfig(rank=512, targets="w")
     _, lora = lj.split({"w": jnp.zeros((8192, 8192))}, config, key=jax.random.key(0))
     state = lj.TrainState.create(lora, optax.adam(1e-3), key=jax.random.key(1))
-    with lj.CheckpointManager(tmp_path, config) as mgr:
+    with lj.CheckpointManager(tmp_path) as mgr:
         start_time = time.perf_counter()
         mgr.save(1, state)
         returned = time.perf_counter() - start_time
@@ -185,7 +249,7 @@ def test_kill_during_save_leaves_earlier_steps_intact(tmp_path, wait, into_write
     config = lj.LoraConfig(rank=256, targets="w")
     _, lora = lj.split({"w": jnp.zeros((4096, 4096))}, config, key=jax.random.key(0))
     target = lj.TrainState.create(lora, optax.adam(1e-3), key=jax.random.key(1))
-    with lj.CheckpointManager(ckpt, config, max_to_keep=100) as mgr:
+    with lj.CheckpointManager(ckpt, max_to_keep=100) as mgr:
         steps = mgr.all_steps()
         assert steps and steps == list(range(1, len(steps) + 1))
         for s in steps:  # every complete step, not only the latest, restores
@@ -197,10 +261,10 @@ def test_kill_during_save_leaves_earlier_steps_intact(tmp_path, wait, into_write
 def test_restore_onto_other_layouts(tmp_path):
     frozen, state = start()
     mesh4 = Mesh(np.array(jax.devices()[:4]), ("data",))
-    step = lj.make_train_step(loss_fn, optimizer(), strategy="mesh", mesh=mesh4)
+    step = lj.make_train_step(loss_fn, optimizer(), strategy=lj.parallel.mesh(mesh4))
     for b in batches(2):
         state, _ = step(state, frozen, b)
-    with lj.CheckpointManager(tmp_path, CONFIG) as mgr:
+    with lj.CheckpointManager(tmp_path) as mgr:
         mgr.save(2, state)
         mgr.wait_until_finished()
         fresh = start()[1]
@@ -211,7 +275,7 @@ def test_restore_onto_other_layouts(tmp_path):
         two, _ = mgr.restore(jax.tree.map(lambda x: jax.device_put(x, rep2), fresh))
         assert two.lora["params"]["fc1"]["kernel"].a.sharding.num_devices == 2
         fsdp = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
-        sh = lj.mesh_shardings(fsdp, frozen, fresh.lora, fsdp_axis="fsdp")
+        sh = lj.parallel.mesh_shardings(fsdp, frozen, fresh.lora, fsdp_axis="fsdp")
         sharded = fresh.replace(lora=jax.tree.map(jax.device_put, fresh.lora, sh.lora))
         three, _ = mgr.restore(sharded)
         assert three.lora["params"]["fc1"]["kernel"].b.sharding.spec == PartitionSpec(None, "fsdp")
@@ -221,14 +285,16 @@ def test_restore_onto_other_layouts(tmp_path):
 
 def test_pmap_replicated_state_saves_one_copy(tmp_path):
     frozen, state = start()
-    step = lj.make_train_step(loss_fn, optimizer(), strategy="pmap")
-    state, rep = lj.replicate(state), lj.replicate(frozen)
+    strategy = lj.parallel.pmap()
+    step = lj.make_train_step(loss_fn, optimizer(), strategy=strategy)
+    state, rep = strategy.place_state(state, frozen), strategy.place_frozen(frozen)
     for b in batches(2):
-        state, _ = step(state, rep, lj.shard_batch(b))
-    with lj.CheckpointManager(tmp_path, CONFIG) as mgr:
+        state, _ = step(state, rep, strategy.place_batch(b))
+    assert jnp.ndim(state.step) == 1  # one replica per device
+    with lj.CheckpointManager(tmp_path) as mgr:
         mgr.save(2, state)
         restored, _ = mgr.restore(start()[1])  # onto one device
-    _leaves_equal(restored.lora, lj.unreplicate(state).lora)
+    _leaves_equal(restored.lora, strategy.gather(state).lora)
     assert int(restored.step) == 2
 
 
@@ -237,25 +303,26 @@ def test_pmap_replicated_state_saves_one_copy(tmp_path):
 
 def test_load_errors(tmp_path):
     _, state = _trained(1)
-    lj.save_adapter(tmp_path / "a", state.lora, CONFIG)
+    lj.save_adapter(tmp_path / "a", state.lora)
     other = {"params": {"fc1": {"kernel": jnp.ones((32, 64))}, "fc3": {"kernel": jnp.ones((4, 4))}}}
     with pytest.raises(
         ValueError,
         match=r"(?s)different base.*params/fc1/kernel: expected shape \(32, 128\), "
         r"found \(32, 64\).*params/fc2/kernel: missing",
     ):
-        lj.load_adapter(tmp_path / "a", other)
-    with pytest.raises(
-        ValueError,
-        match=r"params/fc1/kernel: the checkpoint has rank 4 but the given config says rank 8",
-    ):
-        lj.load_adapter(tmp_path / "a", config=lj.LoraConfig(rank=8, targets=".*/kernel"))
+        lj.load_adapter(tmp_path / "a", frozen=other)
     with pytest.raises(ValueError, match=r"no lora_jax adapter at .*nowhere"):
         lj.load_adapter(tmp_path / "nowhere")
-    meta = tmp_path / "a" / lj.METADATA_FILE
+    meta = tmp_path / "a" / lj.io.METADATA_FILE
     record = json.loads(meta.read_text())
     meta.write_text(json.dumps({**record, "format_version": 99}))
-    with pytest.raises(ValueError, match=r"format_version 99; .* reads format_version 1"):
+    with pytest.raises(ValueError, match=r"format_version 99; .* reads format_version 2"):
+        lj.load_adapter(tmp_path / "a")
+    meta.write_text(json.dumps({**record, "format_version": 1}))
+    with pytest.raises(ValueError, match=r"format_version 1 \(lora_jax 0.1\).*re-save it"):
+        lj.io.read_metadata(tmp_path / "a")
+    meta.write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
         lj.load_adapter(tmp_path / "a")
     meta.write_text(json.dumps(record))
     for f in (tmp_path / "a" / "arrays").rglob("*"):
@@ -267,7 +334,7 @@ def test_load_errors(tmp_path):
 
 def test_manager_errors(tmp_path):
     _, state = _trained(1)
-    with lj.CheckpointManager(tmp_path, CONFIG) as mgr:
+    with lj.CheckpointManager(tmp_path) as mgr:
         with pytest.raises(ValueError, match="no checkpoint steps in"):
             mgr.restore(state)
         mgr.save(1, state)
@@ -281,13 +348,51 @@ def test_manager_errors(tmp_path):
             ValueError, match=r"params/fc1/kernel: expected shape \(32, 128\), found \(3, 3\)"
         ):
             mgr.restore(state, frozen=bad)
-    rank2 = lj.LoraConfig(rank=2, targets=".*/kernel")
-    with (
-        lj.CheckpointManager(tmp_path, rank2) as mgr,
-        pytest.raises(
-            ValueError, match="the checkpoint has rank 4 but the given config says rank 2"
-        ),
-    ):
-        mgr.restore(state)
     with pytest.raises(ValueError, match="`best_mode` must be 'min' or 'max'"):
-        lj.CheckpointManager(tmp_path / "x", CONFIG, best_mode="lowest")
+        lj.CheckpointManager(tmp_path / "x", best_mode="lowest")
+
+
+def _target(tx=None, **changes):
+    config = lj.LoraConfig(**{"rank": 4, "alpha": 8.0, "targets": ".*/kernel", **changes})
+    _, lora = lj.split(start()[0], config, key=jax.random.key(2))
+    return lj.TrainState.create(lora, tx or optimizer(), key=jax.random.key(3))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (
+            {"alpha": 16.0},
+            r"params/fc1/kernel: the checkpoint has scale 2.0 but the target has "
+            r"scale 4.0. The checkpoint is the truth: build the target from lj.load_adapter",
+        ),
+        ({"rank": 2}, r"params/fc1/kernel: the checkpoint has rank 4 but the target has rank 2"),
+        (
+            {"dropout": 0.1},
+            r"fc1/kernel: the checkpoint has dropout 0.0 but the target has "
+            r"dropout 0.1",
+        ),
+        ({"targets": ".*/fc1/kernel"}, r"missing from the target \['params/fc2/kernel'\]"),
+    ],
+)
+def test_restore_refuses_a_target_that_differs(tmp_path, changes, match):
+    _, state = _trained(1)
+    with lj.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, state)
+        with pytest.raises(ValueError, match=match):
+            mgr.restore(_target(**changes))
+        restored, _ = mgr.restore(_target())  # the same split's structure restores
+    _leaves_equal(restored.lora, state.lora)
+
+
+def test_restore_refuses_other_layouts(tmp_path):
+    _, state = _trained(1)
+    lora = state.lora
+    w = lora["params"]["fc1"]["kernel"]
+    other = jax.tree.map(lambda x: x, lora)
+    other["params"]["fc1"]["kernel"] = w.replace(layout=lj.Layout("dense", (0,), (1,)))
+    with lj.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, state)
+        target = lj.TrainState.create(other, optimizer(), key=jax.random.key(3))
+        with pytest.raises(ValueError, match=r"fc1/kernel: the checkpoint has layout Layout\("):
+            mgr.restore(target)

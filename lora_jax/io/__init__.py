@@ -1,11 +1,14 @@
 """Adapter files and training checkpoints with orbax: self-describing, atomic, resumable.
 
+Every adapter is stored with its layout, rank, scale and dropout rate, so nothing needs a
+config to read it back:
+
     >>> import lora_jax as lj
     >>> lj.io.METADATA_FILE
     'lora_adapter.json'
 """
 
-from lora_jax.io._adapter import METADATA_FILE, load_adapter, save_adapter
+from lora_jax.io._adapter import METADATA_FILE, load_adapter, read_metadata, save_adapter
 from lora_jax.io._checkpoint import CheckpointManager
 
-__all__ = ["METADATA_FILE", "CheckpointManager", "load_adapter", "save_adapter"]
+__all__ = ["METADATA_FILE", "CheckpointManager", "load_adapter", "read_metadata", "save_adapter"]

@@ -1,10 +1,12 @@
 """`save_adapter` / `load_adapter`: an adapter alone on disk, with orbax, restorable with no flags.
 
 A saved adapter is a folder: ``arrays/`` (an orbax checkpoint of every ``a`` and ``b``) and
-``lora_adapter.json`` (the `LoraConfig`, each adapter's layout and kernel shape, the library
-and format versions, a fingerprint of the base). The folder is written under a temporary
-name and renamed into place only when complete, so a crash never leaves a half-written
-adapter where a good one was. The base is never written.
+``lora_adapter.json`` (each adapter's layout, kernel shape, rank, scale, dropout rate and
+dtype, the library and format versions, a fingerprint of the base and, for information, the
+config if one was given). `load_adapter` rebuilds every `LoraWeights` with its own scale, so
+no config is needed to use a loaded adapter. The folder is written under a temporary name
+and renamed into place only when complete, so a crash never leaves a half-written adapter
+where a good one was. The base is never written.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from lora_jax.core import _paths
-from lora_jax.io import _metadata as metadata
 from lora_jax.core._config import LoraConfig
-from lora_jax.core._weights import LoraWeights, flatten_lora
+from lora_jax.core._paths import flatten, nest
+from lora_jax.core._weights import flatten_lora
+from lora_jax.io._metadata import check_base, check_record, describe, weights_from_record
 
-__all__ = ["save_adapter", "load_adapter", "METADATA_FILE"]
+__all__ = ["save_adapter", "load_adapter", "read_metadata", "METADATA_FILE"]
 
 METADATA_FILE = "lora_adapter.json"
-_ARRAYS = "arrays"
+ARRAYS = "arrays"
 
 
 def _single_process(what: str) -> None:
@@ -41,45 +43,54 @@ def _arrays_tree(lora: Any) -> dict[str, Any]:
     flat = {}
     for path, w in flatten_lora(lora).items():
         flat[f"{path}/a"], flat[f"{path}/b"] = w.a, w.b
-    return _paths.nest(flat)
+    return nest(flat)
 
 
 def save_adapter(
-    path: str | os.PathLike, lora: Any, config: LoraConfig, *, overwrite: bool = False
+    path: str | os.PathLike,
+    lora: Any,
+    *,
+    overwrite: bool = False,
+    config: LoraConfig | None = None,
 ) -> None:
     """Writes the adapters (never the base) and their metadata to the folder `path`.
+
+    Every adapter's scale, dropout rate, layout and residual norm are stored with it, so
+    `load_adapter` needs nothing else.
 
     Args:
         path: destination folder; its parent must exist.
         lora: the adapters (from `lora_jax.split`, possibly trained).
-        config: the config they were made with; stored as JSON (a callable `targets` is
-            stored as the exact paths it selected).
         overwrite: replace an existing adapter at `path` (atomically: the old one stays
             until the new one is complete).
+        config: optional config the adapters were made with, recorded in the metadata for
+            information only (a callable `targets` is stored as the exact paths it
+            selected); nothing reads it back.
 
     Raises:
         ValueError: `path` exists and `overwrite` is False, or this is a multi-process run.
+        TypeError: `lora` holds something other than `LoraWeights`.
 
     Example:
         >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
-        >>> config = lj.LoraConfig(rank=2, targets="w")
+        >>> config = lj.LoraConfig(rank=2, alpha=16.0, targets="w")
         >>> _, lora = lj.split({"w": jnp.ones((4, 3))}, config, key=jax.random.key(0))
         >>> folder = tempfile.mkdtemp() + "/adapter"
-        >>> lj.save_adapter(folder, lora, config)
-        >>> loaded, loaded_config = lj.load_adapter(folder)
-        >>> loaded_config == config, bool((loaded["w"].a == lora["w"].a).all())
-        (True, True)
+        >>> lj.save_adapter(folder, lora)
+        >>> lora = lj.load_adapter(folder)
+        >>> lora["w"].scale, lora["w"].rank
+        (8.0, 2)
     """
     _single_process("save_adapter")
     dest = pathlib.Path(path).absolute()
     if dest.exists() and not overwrite:
         raise ValueError(f"{dest} exists; pass overwrite=True to replace it.")
-    record = metadata.describe(lora, config)
+    record = describe(lora, config)
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash
     tmp.mkdir()
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp / _ARRAYS, _arrays_tree(lora))
+        ckptr.save(tmp / ARRAYS, _arrays_tree(lora))
         ckptr.wait_until_finished()
     with open(tmp / METADATA_FILE, "w") as f:
         json.dump(record, f, indent=1)
@@ -93,7 +104,31 @@ def save_adapter(
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata record of a saved adapter, checked for format and version."""
+    """The metadata record of a saved adapter, checked for format and version.
+
+    Args:
+        path: the adapter folder written by `save_adapter`.
+
+    Returns:
+        The JSON record: ``format``, ``format_version``, ``library_version``,
+        ``fingerprint`` (of the base's targeted paths and shapes), ``config`` (None unless
+        one was given to `save_adapter`) and ``adapters``: for each path its ``kind``,
+        ``in_axes``, ``out_axes``, ``stack_axes``, ``kernel_shape``, ``rank``, ``scale``,
+        ``dropout``, ``residual_norm``, ``a_shape``, ``b_shape``, ``dtype`` and ``b_dtype``.
+
+    Raises:
+        ValueError: no adapter at `path`, damaged JSON, or another format version.
+
+    Example:
+        >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
+        >>> config = lj.LoraConfig(rank=2, alpha=16.0, targets="w")
+        >>> _, lora = lj.split({"w": jnp.ones((4, 3))}, config, key=jax.random.key(0))
+        >>> folder = tempfile.mkdtemp() + "/adapter"
+        >>> lj.save_adapter(folder, lora)
+        >>> record = lj.io.read_metadata(folder)
+        >>> record["library_version"], record["adapters"]["w"]["scale"]
+        ('0.2.0', 8.0)
+    """
     where = pathlib.Path(path).absolute() / METADATA_FILE
     if not where.exists():
         raise ValueError(f"no lora_jax adapter at {where.parent}: {METADATA_FILE} is missing.")
@@ -101,66 +136,55 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         record = json.loads(where.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{where} is not valid JSON ({err}); the adapter is damaged.") from err
-    metadata.check_record(record, str(where))
+    check_record(record, str(where))
     return record
 
 
 def load_adapter(
-    path: str | os.PathLike,
-    frozen: Any = None,
-    *,
-    config: LoraConfig | None = None,
-    sharding: jax.sharding.Sharding | None = None,
-) -> tuple[dict[str, Any], LoraConfig]:
+    path: str | os.PathLike, *, frozen: Any = None, sharding: jax.sharding.Sharding | None = None
+) -> dict[str, Any]:
     """Reads an adapter written by `save_adapter`; needs no config.
 
     Args:
         path: the adapter folder.
         frozen: optional base to check against: every targeted path must exist there with
             the kernel shape the adapter was trained on.
-        config: optional config; its ranks must match the stored ones.
-        sharding: where to put the arrays (default: the first device).
+        sharding: where to put every array (default: the first device); for per-array
+            placement use `lora_jax.parallel.place` afterwards.
 
     Returns:
-        ``(lora, config)``: the adapters and the stored config.
+        The adapters: each `LoraWeights` with its stored scale, dropout rate, layout and
+        residual norm, ready for `lora_jax.lora_apply` or `lora_jax.merge`.
 
     Raises:
-        ValueError: no adapter at `path`, an unknown format version, a base or config that
-            does not fit (each mismatch listed), or damaged array files.
+        ValueError: no adapter at `path`, another format version, a base that does not fit
+            (each mismatch listed), or damaged array files.
 
     Example:
         >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
         >>> config = lj.LoraConfig(rank=2, targets="w")
         >>> frozen, lora = lj.split({"w": jnp.ones((4, 3))}, config, key=jax.random.key(0))
         >>> folder = tempfile.mkdtemp() + "/adapter"
-        >>> lj.save_adapter(folder, lora, config)
-        >>> lora2, _ = lj.load_adapter(folder, frozen)
-        >>> lora2["w"].layout == lora["w"].layout
-        True
+        >>> lj.save_adapter(folder, lora)
+        >>> lora2 = lj.load_adapter(folder, frozen=frozen)
+        >>> lora2["w"].layout == lora["w"].layout, lora2["w"].scale == lora["w"].scale
+        (True, True)
     """
     _single_process("load_adapter")
     record = read_metadata(path)
     if frozen is not None:
-        metadata.check_base(record, _paths.flatten(frozen))
-    if config is not None:
-        metadata.check_config(record, config)
+        check_base(record, flatten(frozen))
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = {}
     for p, entry in record["adapters"].items():
-        for name in ("a", "b"):
+        dtypes = {"a": entry["dtype"], "b": entry.get("b_dtype", entry["dtype"])}
+        for name, dtype in dtypes.items():
             shape = tuple(entry[f"{name}_shape"])
-            abstract[f"{p}/{name}"] = jax.ShapeDtypeStruct(shape, entry["dtype"], sharding=sharding)
-    where = pathlib.Path(path).absolute() / _ARRAYS
+            abstract[f"{p}/{name}"] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    where = pathlib.Path(path).absolute() / ARRAYS
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            arrays = ckptr.restore(where, _paths.nest(abstract))
+            arrays = ckptr.restore(where, nest(abstract))
     except Exception as err:  # orbax/tensorstore raise many types for damaged files
         raise ValueError(f"cannot read the adapter arrays at {where}: {err}") from err
-    flat = _paths.flatten(arrays)
-    adapters = {}
-    for p, entry in record["adapters"].items():
-        a, b = flat[f"{p}/a"], flat[f"{p}/b"]
-        if tuple(a.shape) != tuple(entry["a_shape"]) or tuple(b.shape) != tuple(entry["b_shape"]):
-            raise ValueError(f"{p}: stored arrays do not have the shapes the metadata records.")
-        adapters[p] = LoraWeights(a, b, metadata.layout_of(entry))
-    return _paths.nest(adapters), config or metadata.config_from_json(record["config"])
+    return weights_from_record(record, flatten(arrays))

@@ -3,9 +3,11 @@
 A thin layer over `orbax.checkpoint.CheckpointManager` (use ``.orbax`` for anything it
 does not expose). Each step folder holds three items: ``state`` (adapters, optimizer state,
 step, rng, skip count), ``data`` (the data-position record the caller hands in, JSON) and
-``meta`` (the adapter metadata of `save_adapter`: config, layouts, base fingerprint). Orbax
-finalizes a step only when every item is written, so a crash mid-save leaves the previous
-steps usable and the partial one invisible. The frozen base is never written.
+``meta`` (the adapter metadata of `lora_jax.save_adapter`: each adapter's layout, rank,
+scale and dropout rate, and the base fingerprint). Orbax finalizes a step only when every
+item is written, so a crash mid-save leaves the previous steps usable and the partial one
+invisible. The frozen base is never written. No config is needed: a restore checks the
+target's adapters against the stored metadata and refuses one whose scales differ.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lora_jax.core import _paths
-from lora_jax.io import _metadata as metadata
-from lora_jax.core._config import LoraConfig
-from lora_jax.training._step import TrainState
+from lora_jax.core._paths import flatten
+from lora_jax.core._weights import flatten_lora
+from lora_jax.io._metadata import check_base, check_record, check_target, describe
+from lora_jax.training._state import TrainState
 
 __all__ = ["CheckpointManager"]
 
@@ -55,12 +57,16 @@ class CheckpointManager:
     then releases orbax's threads. Retention keeps the last `max_to_keep` steps and, with
     `best_metric`, also the best `keep_best` by that metric.
 
+    Each step also stores the adapters' metadata (layout, rank, scale, dropout rate per
+    path, and a fingerprint of the base); `restore` refuses a target whose adapters differ
+    from it, so a scale cannot silently change across a resume.
+
     Example:
         >>> import tempfile, jax, jax.numpy as jnp, optax, lora_jax as lj
         >>> config = lj.LoraConfig(rank=2, targets="w")
         >>> frozen, lora = lj.split({"w": jnp.ones((4, 3))}, config, key=jax.random.key(0))
         >>> state = lj.TrainState.create(lora, optax.adam(1e-3), key=jax.random.key(1))
-        >>> with lj.CheckpointManager(tempfile.mkdtemp(), config) as mgr:
+        >>> with lj.CheckpointManager(tempfile.mkdtemp()) as mgr:
         ...     _ = mgr.save(0, state, data_position={"epoch": 0, "index": 8})
         ...     restored, position = mgr.restore(state)
         >>> position, int(restored.step)
@@ -70,7 +76,6 @@ class CheckpointManager:
     def __init__(
         self,
         directory: str | os.PathLike,
-        config: LoraConfig,
         *,
         max_to_keep: int = 3,
         save_interval_steps: int = 1,
@@ -83,7 +88,6 @@ class CheckpointManager:
 
         Args:
             directory: the run's checkpoint folder.
-            config: the LoRA config, stored in every step's metadata.
             max_to_keep: how many of the latest steps to keep.
             save_interval_steps: `save` writes only steps that are multiples of this
                 (unless forced).
@@ -104,7 +108,6 @@ class CheckpointManager:
                 f"{max_to_keep}, {keep_best}, {save_interval_steps}."
             )
         self.directory = pathlib.Path(directory).absolute()
-        self.config = config
         keep: list[Any] = [policies.LatestN(n=max_to_keep)]
         if best_metric is not None:
             keep.append(
@@ -138,8 +141,8 @@ class CheckpointManager:
         Args:
             step: the step number to save under.
             state: the training state (the base is not part of it and is never written).
-                A pmap-replicated state (``lj.replicate``) is saved as one copy, so it
-                restores anywhere.
+                A pmap-replicated state (`lora_jax.parallel.replicate`) is saved as one
+                copy, so it restores anywhere.
             data_position: a JSON-able record of where the data pipeline is, handed back
                 by `restore`.
             metrics: scalar metrics for `best_metric` retention.
@@ -150,7 +153,7 @@ class CheckpointManager:
         """
         if jnp.ndim(state.step) == 1:  # replicated for pmap: every copy is the same
             state = jax.tree.map(lambda x: x[0], state)
-        record = metadata.describe(state.lora, self.config)
+        record = describe(state.lora)
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_storable(state)),
@@ -164,7 +167,10 @@ class CheckpointManager:
     ) -> tuple[TrainState, dict[str, Any]]:
         """Restores a step (the latest by default) into the structure of `target`.
 
-        Waits for a save still in flight first, so the step just saved is restorable.
+        Waits for a save still in flight first, so the step just saved is restorable. The
+        stored metadata is the truth about the adapters: `target`'s adapters must have the
+        same paths, layouts, ranks, scales and dropout rates (build it from
+        `lora_jax.load_adapter` or from the same `lora_jax.split` that made the saved ones).
 
         Args:
             target: a `TrainState` (concrete, or abstract from `jax.eval_shape`) giving the
@@ -178,7 +184,8 @@ class CheckpointManager:
             ``(state, data_position)``.
 
         Raises:
-            ValueError: no checkpoint in the folder or no such step, a base or config that
+            ValueError: no checkpoint in the folder or no such step, a target whose adapters
+                differ from the stored ones (the path and both values named), a base that
                 does not fit the stored metadata, or damaged files.
         """
         self.orbax.wait_until_finished()  # a save still in flight is part of what exists
@@ -188,18 +195,10 @@ class CheckpointManager:
                 f"no checkpoint {'steps' if step is None else f'for step {step}'} in "
                 f"{self.directory}; steps there: {list(self.all_steps())}."
             )
-        try:
-            record = self.orbax.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-                "meta"
-            ]
-        except Exception as err:
-            raise ValueError(
-                f"step {step} in {self.directory} has no readable metadata: {err}"
-            ) from err
-        metadata.check_record(record, f"step {step} metadata in {self.directory}")
-        metadata.check_config(record, self.config)
+        record = self._metadata(step)
+        check_target(record, flatten_lora(target.lora))
         if frozen is not None:
-            metadata.check_base(record, _paths.flatten(frozen))
+            check_base(record, flatten(frozen))
         abstract = _abstract(_storable(target))
         try:
             got = self.orbax.restore(
@@ -220,6 +219,17 @@ class CheckpointManager:
             skipped=s["skipped"],
         )
         return state, dict(got["data"] or {})
+
+    def _metadata(self, step: int) -> dict[str, Any]:
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        try:
+            record = self.orbax.restore(step, args=args)["meta"]
+        except Exception as err:
+            raise ValueError(
+                f"step {step} in {self.directory} has no readable metadata: {err}"
+            ) from err
+        check_record(record, f"step {step} metadata in {self.directory}")
+        return record
 
     def latest_step(self) -> int | None:
         """The newest complete step on disk, or None."""

@@ -1,34 +1,48 @@
-"""Self-describing adapter metadata: the config, every adapter's layout, a base fingerprint.
+"""Self-describing adapter metadata: every adapter's layout, rank, scale, dropout and dtype.
 
-Stored as JSON beside the arrays, so a checkpoint restores with no flags and refuses a base
-whose targeted paths or shapes differ.
+Stored as JSON beside the arrays, so a saved adapter or checkpoint restores with no config
+(each `LoraWeights` gets back its own scale, dropout, layout and residual norm), and refuses
+a base whose targeted paths or shapes differ (a fingerprint of the base's kernels). The
+config an adapter was made with may be recorded too, for information only: nothing reads
+it back.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> from lora_jax.io._metadata import describe
+    >>> config = lj.LoraConfig(rank=2, alpha=16.0, targets="w")
+    >>> _, lora = lj.split({"w": jnp.ones((4, 3))}, config, key=jax.random.key(0))
+    >>> entry = describe(lora)["adapters"]["w"]
+    >>> entry["rank"], entry["scale"], entry["kernel_shape"]
+    (2, 8.0, [4, 3])
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 
 from lora_jax.core._config import LoraConfig
 from lora_jax.core._layout import Layout
+from lora_jax.core._paths import nest
 from lora_jax.core._weights import LoraWeights, flatten_lora
 
 FORMAT = "lora_jax.adapter"
-FORMAT_VERSION = 1
-LIBRARY_VERSION = "0.1.0"
+FORMAT_VERSION = 2
+LIBRARY_VERSION = "0.2.0"
 
 
-def fingerprint(kernels: dict[str, tuple[int, ...]]) -> str:
+def fingerprint(kernels: Mapping[str, tuple[int, ...]]) -> str:
     """A short hash of the targeted parameter paths and their shapes."""
     text = json.dumps(sorted((p, list(s)) for p, s in kernels.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _spec_json(spec: Any, adapters: dict[str, LoraWeights]) -> Any:
+def _spec_json(spec: Any, adapters: Mapping[str, LoraWeights]) -> Any:
     if spec is None or isinstance(spec, str):
         return spec
     if callable(spec):  # a callable is not data: store what it selected, as exact patterns
@@ -36,7 +50,7 @@ def _spec_json(spec: Any, adapters: dict[str, LoraWeights]) -> Any:
     return list(spec)
 
 
-def config_to_json(config: LoraConfig, adapters: dict[str, LoraWeights]) -> dict[str, Any]:
+def config_to_json(config: LoraConfig, adapters: Mapping[str, LoraWeights]) -> dict[str, Any]:
     """The config as JSON; a callable `targets` becomes the exact paths it selected."""
     return {
         "targets": _spec_json(config.targets, adapters),
@@ -52,43 +66,76 @@ def config_to_json(config: LoraConfig, adapters: dict[str, LoraWeights]) -> dict
     }
 
 
-def config_from_json(data: dict[str, Any]) -> LoraConfig:
-    """Inverse of `config_to_json`."""
+def config_from_json(data: Mapping[str, Any]) -> LoraConfig:
+    """Inverse of `config_to_json` (for a caller that wants the recorded config back)."""
     return LoraConfig(**{**data, "dtype": jnp.dtype(data["dtype"])})
 
 
-def describe(lora: Any, config: LoraConfig) -> dict[str, Any]:
-    """The full metadata record of an adapter tree."""
+def adapter_kernel_shape(w: LoraWeights) -> tuple[int, ...]:
+    """The base kernel's shape, also for k stacked adapters (an adapter axis after the
+    stack axes, and a tuple of k scales)."""
+    lay = w.layout
+    a_shape, b_shape = tuple(w.a.shape), tuple(w.b.shape)
+    n_stack = len(lay.stack_axes)
+    if isinstance(w.scale, tuple):  # drop the adapter axis
+        a_shape = a_shape[:n_stack] + a_shape[n_stack + 1 :]
+        b_shape = b_shape[:n_stack] + b_shape[n_stack + 1 :]
+    sizes = dict(zip(lay.stack_axes, a_shape, strict=False))
+    sizes.update(zip(lay.in_axes, a_shape[n_stack:-1], strict=False))
+    sizes.update(zip(lay.out_axes, b_shape[n_stack + 1 :], strict=False))
+    return tuple(int(sizes[i]) for i in range(lay.ndim))
+
+
+def _scale_json(scale: float | tuple[float, ...]) -> float | list[float]:
+    return list(scale) if isinstance(scale, tuple) else scale
+
+
+def describe_one(w: LoraWeights) -> dict[str, Any]:
+    """The metadata entry of one adapter: layout, shapes, rank, scale, dropout, dtypes."""
+    return {
+        "kind": w.layout.kind,
+        "in_axes": list(w.layout.in_axes),
+        "out_axes": list(w.layout.out_axes),
+        "stack_axes": list(w.layout.stack_axes),
+        "kernel_shape": list(adapter_kernel_shape(w)),
+        "rank": w.rank,
+        "scale": _scale_json(w.scale),
+        "dropout": w.dropout,
+        "residual_norm": w.residual_norm,
+        "a_shape": list(w.a.shape),
+        "b_shape": list(w.b.shape),
+        "dtype": jnp.dtype(w.a.dtype).name,
+        "b_dtype": jnp.dtype(w.b.dtype).name,
+    }
+
+
+def describe(lora: Any, config: LoraConfig | None = None) -> dict[str, Any]:
+    """The full metadata record of an adapter tree (`config`, if given, for information)."""
     adapters = flatten_lora(lora)
-    kernels = {p: kernel_shape(w) for p, w in adapters.items()}
+    entries = {p: describe_one(w) for p, w in adapters.items()}
+    kernels = {p: tuple(e["kernel_shape"]) for p, e in entries.items()}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": LIBRARY_VERSION,
-        "config": config_to_json(config, adapters),
         "fingerprint": fingerprint(kernels),
-        "adapters": {
-            p: {
-                "kind": w.layout.kind,
-                "in_axes": list(w.layout.in_axes),
-                "out_axes": list(w.layout.out_axes),
-                "stack_axes": list(w.layout.stack_axes),
-                "rank": w.rank,
-                "kernel_shape": list(kernels[p]),
-                "a_shape": list(w.a.shape),
-                "b_shape": list(w.b.shape),
-                "dtype": jnp.dtype(w.a.dtype).name,
-            }
-            for p, w in adapters.items()
-        },
+        "config": None if config is None else config_to_json(config, adapters),
+        "adapters": entries,
     }
 
 
 def check_record(record: Any, where: str) -> None:
-    """A ValueError when a metadata record is not ours or from an unknown format version."""
+    """A ValueError when a metadata record is not ours or from another format version."""
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ValueError(f"{where} is not a lora_jax adapter metadata file.")
     version = record.get("format_version")
+    if version == 1:
+        raise ValueError(
+            f"{where} has format_version 1 (lora_jax 0.1), which records no per-adapter "
+            f"scales; this lora_jax ({LIBRARY_VERSION}) reads format_version {FORMAT_VERSION}. "
+            f"Load it with lora_jax 0.1 and re-save it with this version (give the adapters "
+            f"their scale with `w.replace(scale=alpha / rank)`)."
+        )
     if version != FORMAT_VERSION:
         raise ValueError(
             f"{where} has format_version {version!r}; this lora_jax (version "
@@ -96,13 +143,55 @@ def check_record(record: Any, where: str) -> None:
         )
 
 
-def layout_of(entry: dict[str, Any]) -> Layout:
+def layout_of(entry: Mapping[str, Any]) -> Layout:
+    """The `Layout` an entry records."""
     return Layout(
         entry["kind"], tuple(entry["in_axes"]), tuple(entry["out_axes"]), tuple(entry["stack_axes"])
     )
 
 
-def check_base(record: dict[str, Any], frozen_flat: dict[str, Any]) -> None:
+def scale_of(entry: Mapping[str, Any]) -> float | tuple[float, ...]:
+    """The scale an entry records (a tuple for stacked adapters)."""
+    scale = entry["scale"]
+    return tuple(float(s) for s in scale) if isinstance(scale, list) else float(scale)
+
+
+def weights_from_record(record: Mapping[str, Any], arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """Rebuilds the adapter tree: each `LoraWeights` with its stored metadata.
+
+    Args:
+        record: a metadata record (from `describe` or a file).
+        arrays: ``{"<path>/a": a, "<path>/b": b}`` for every adapter of the record.
+
+    Returns:
+        The nested adapter tree.
+
+    Raises:
+        ValueError: an array is missing or not shaped as the record says.
+    """
+    adapters = {}
+    for path, entry in record["adapters"].items():
+        a, b = arrays.get(f"{path}/a"), arrays.get(f"{path}/b")
+        if a is None or b is None:
+            raise ValueError(f"{path}: the stored arrays lack this adapter's a or b.")
+        if tuple(a.shape) != tuple(entry["a_shape"]) or tuple(b.shape) != tuple(entry["b_shape"]):
+            raise ValueError(
+                f"{path}: stored arrays a={tuple(a.shape)}, b={tuple(b.shape)} do not have the "
+                f"shapes the metadata records (a={tuple(entry['a_shape'])}, "
+                f"b={tuple(entry['b_shape'])})."
+            )
+        adapters[path] = LoraWeights(
+            a,
+            b,
+            layout_of(entry),
+            scale=scale_of(entry),
+            dropout=float(entry["dropout"]),
+            residual_norm=entry["residual_norm"],
+        )
+    return nest(adapters)
+
+
+def check_base(record: Mapping[str, Any], frozen_flat: Mapping[str, Any]) -> None:
     """A ValueError listing every targeted path that is missing from, or shaped differently in,
     the base."""
     problems = []
@@ -121,12 +210,44 @@ def check_base(record: dict[str, Any], frozen_flat: dict[str, Any]) -> None:
         )
 
 
-def check_config(record: dict[str, Any], config: LoraConfig) -> None:
-    """A ValueError when an explicitly given config disagrees with the stored ranks."""
-    for path, entry in record["adapters"].items():
-        want = config.rank_for(path)
-        if entry["rank"] != want:
+_HINT = (
+    "The checkpoint is the truth: build the target from lj.load_adapter or from the same "
+    "lj.split that made the saved adapters."
+)
+
+
+def _norms_differ(stored: float | None, found: float | None) -> bool:
+    if stored is None or found is None:
+        return stored is not found
+    return not math.isclose(stored, found, rel_tol=1e-6)
+
+
+def check_target(record: Mapping[str, Any], adapters: Mapping[str, LoraWeights]) -> None:
+    """A ValueError when target adapters differ from the stored ones in paths, layouts,
+    ranks, scales, dropout rates or residual norms (naming the path and both values)."""
+    stored = record["adapters"]
+    missing, extra = sorted(set(stored) - set(adapters)), sorted(set(adapters) - set(stored))
+    if missing or extra:
+        raise ValueError(
+            f"the target's adapters are not the checkpoint's: missing from the target "
+            f"{missing}, not in the checkpoint {extra}. {_HINT}"
+        )
+    for path, w in adapters.items():
+        entry = stored[path]
+        pairs = [
+            ("layout", layout_of(entry), w.layout),
+            ("rank", entry["rank"], w.rank),
+            ("scale", scale_of(entry), w.scale),
+            ("dropout", float(entry["dropout"]), w.dropout),
+        ]
+        for name, want, found in pairs:
+            if want != found:
+                raise ValueError(
+                    f"{path}: the checkpoint has {name} {want!r} but the target has {name} "
+                    f"{found!r}. {_HINT}"
+                )
+        if _norms_differ(entry["residual_norm"], w.residual_norm):
             raise ValueError(
-                f"{path}: the checkpoint has rank {entry['rank']} but the given config says "
-                f"rank {want}. Load without `config=` to use the stored one."
+                f"{path}: the checkpoint has residual_norm {entry['residual_norm']!r} but the "
+                f"target has residual_norm {w.residual_norm!r}. {_HINT}"
             )
