@@ -22,11 +22,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 TOL = 1e-4
 IDS = np.random.default_rng(0).integers(0, 20, (3, 7))
-MAP = lj.ModuleMap(
+MAP = lj.peft.ModuleMap(
     (
-        lj.ModuleRule("emb/embedding", "emb"),
-        lj.ModuleRule("qkv/kernel", ("q", "k", "v"), sizes=(16, 8, 8)),
-        lj.ModuleRule(r"(heads|out)/kernel", r"\1"),
+        lj.peft.ModuleRule("emb/embedding", "emb"),
+        lj.peft.ModuleRule("qkv/kernel", ("q", "k", "v"), sizes=(16, 8, 8)),
+        lj.peft.ModuleRule(r"(heads|out)/kernel", r"\1"),
     )
 )
 
@@ -128,19 +128,19 @@ def test_nnx_export_loads_in_peft_with_same_outputs(nets, tmp_path):
     model = _fresh()
     layouts = lj.infer_layouts(model)
     config = lj.LoraConfig(rank=3, alpha=6, targets=[".*/kernel", "emb/embedding"])
-    lj.add_lora(model, config, key=jax.random.key(2))
-    perturbed = _perturbed(lj.lora_state(model)[1], 3)
-    lj.add_lora(lj.remove_lora(model), config, lora=perturbed)
-    frozen, lora = lj.lora_state(model)
+    lj.nnx.add_lora(model, config, key=jax.random.key(2))
+    perturbed = _perturbed(lj.nnx.lora_state(model)[1], 3)
+    lj.nnx.add_lora(lj.nnx.remove_lora(model), lora=perturbed)
+    frozen, lora = lj.nnx.lora_state(model)
     assert set(_flat(lora)) == {"emb/embedding", "qkv/kernel", "heads/kernel", "out/kernel"}
-    lj.export_peft(tmp_path, lora, config, module_map=MAP, task_type=None)
+    lj.peft.export_adapter(tmp_path, lora, module_map=MAP, task_type=None)
     wrapped = peft.PeftModel.from_pretrained(_copy(torch_model), tmp_path)
     _assert_same("nnx export", model(jnp.asarray(IDS)), _run_torch(wrapped), base)
-    back, back_config = lj.import_peft(tmp_path, frozen, module_map=MAP, layouts=layouts)
+    back = lj.peft.import_adapter(tmp_path, frozen, module_map=MAP, layouts=layouts)
     assert set(_flat(back)) == set(_flat(lora))
     for path, w in _flat(lora).items():
         got = _flat(back)[path]
-        assert back_config.scale_for(path) == config.scale_for(path)
+        assert got.scale == w.scale == 2.0
         np.testing.assert_array_equal(np.asarray(got.a), np.asarray(w.a))
         np.testing.assert_array_equal(np.asarray(got.b), np.asarray(w.b))
         assert got.layout == w.layout == layouts[path]
@@ -162,8 +162,9 @@ def test_nnx_import_from_peft_with_same_outputs(nets, tmp_path):
     model = _fresh()
     frozen = nnx.state(model, nnx.Param)
     layouts = lj.infer_layouts(model)
-    lora, config = lj.import_peft(tmp_path, frozen, module_map=MAP, layouts=layouts)
+    lora = lj.peft.import_adapter(tmp_path, frozen, module_map=MAP, layouts=layouts)
     flat = _flat(lora)
+    assert all(w.scale == 2.0 for w in flat.values())
     assert set(flat) == {"emb/embedding", "heads/kernel", "out/kernel"}
     assert flat["heads/kernel"].b.shape == (2, 2, 8) and flat["out/kernel"].a.shape == (2, 8, 2)
     for path, w in flat.items():  # each part moves the outputs on its own
@@ -171,12 +172,12 @@ def test_nnx_import_from_peft_with_same_outputs(nets, tmp_path):
         alone = {k: v if k == path else v.replace(b=0 * v.b) for k, v in flat.items()}
         alone = {k.split("/")[0]: {k.split("/")[1]: v} for k, v in alone.items()}
         graphdef, state = nnx.split(_fresh())
-        out = lj.lora_apply(graphdef, config)(state, alone, jnp.asarray(IDS))
+        out = lj.lora_apply(graphdef)(state, alone, jnp.asarray(IDS))
         moved = float(np.abs(np.asarray(out) - base).max())
         print(f"\nnnx import, {path} alone moves the outputs by {moved:.2f}")
         assert moved > 1e-2, f"{path} changes nothing"
     graphdef, state = nnx.split(model)
-    pure = lj.lora_apply(graphdef, config)(state, lora, jnp.asarray(IDS))
+    pure = lj.lora_apply(graphdef)(state, lora, jnp.asarray(IDS))
     _assert_same("nnx import, pure", pure, expected, base)
-    lj.add_lora(model, config, lora=lora)
+    lj.nnx.add_lora(model, lora=lora)
     _assert_same("nnx import, add_lora", model(jnp.asarray(IDS)), expected, base)

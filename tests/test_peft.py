@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 
 import flax.linen as nn
@@ -94,8 +95,8 @@ def _fast(config, fn):
     return jax.jit(fn) if config.scan_layers else fn
 
 
-def _our_logits(config, lora_config, frozen, lora) -> list[np.ndarray]:
-    apply = _fast(config, lj.lora_apply(Llama(config).apply, lora_config))
+def _our_logits(config, frozen, lora) -> list[np.ndarray]:
+    apply = _fast(config, lj.lora_apply(Llama(config).apply))
     return [np.asarray(apply(frozen, lora, jnp.asarray(ids))) for ids in INPUTS]
 
 
@@ -127,9 +128,9 @@ def _perturbed(lora, seed: int):
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
-def _train(config, lora_config, frozen, lora, steps: int = 4):
+def _train(config, frozen, lora, steps: int = 4):
     """A few real Adam steps of next-token loss on random tokens: B moves off zero."""
-    apply = lj.lora_apply(Llama(config).apply, lora_config)
+    apply = lj.lora_apply(Llama(config).apply)
 
     def loss_fn(frozen, lora, ids, key):
         logits = apply(frozen, lora, ids[:, :-1])
@@ -152,12 +153,13 @@ def test_trained_export_loads_in_peft_with_same_logits(base, tmp_path):
     folder, config, variables, layouts = base
     lora_config = lj.LoraConfig(rank=4, alpha=8, targets="all-linear")
     frozen, lora = lj.split(variables, lora_config, key=jax.random.key(0), layouts=layouts)
-    lora = _train(config, lora_config, frozen, lora)
+    lora = _train(config, frozen, lora)
     assert all(bool(jnp.any(w.b != 0)) for w in jax.tree.leaves(lora, is_leaf=_is_w))
-    lj.export_peft(tmp_path, lora, lora_config, module_map=module_map(config))
+    lj.peft.export_adapter(tmp_path, lora, module_map=module_map(config))
     record = json.loads((tmp_path / "adapter_config.json").read_text())
     assert record["r"] == 4 and record["lora_alpha"] == 8 and len(record["target_modules"]) == 14
-    ours = _our_logits(config, lora_config, frozen, lora)
+    assert record["rank_pattern"] == {} and record["alpha_pattern"] == {}
+    ours = _our_logits(config, frozen, lora)
     theirs = _peft_logits(folder, tmp_path)
     _assert_same(f"export {folder.name}", ours, theirs, _base_logits(config, variables))
 
@@ -166,18 +168,100 @@ def test_peft_adapter_imports_with_same_logits(base, tmp_path):
     folder, config, variables, layouts = base
     hf = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     peft.get_peft_model(_torch(folder), hf).save_pretrained(tmp_path)
-    lora, lora_config = lj.import_peft(
+    lora = lj.peft.import_adapter(
         tmp_path, variables, module_map=module_map(config), layouts=layouts
     )
     assert len(jax.tree.leaves(lora, is_leaf=_is_w)) == 14
-    assert lora_config.rank == 4 and lora_config.scale_for(lora_config.targets[0]) == 2.0
-    ours = _our_logits(config, lora_config, variables, lora)
+    assert all(w.rank == 4 and w.scale == 2.0 and w.dropout == 0.0 for w in _flat(lora).values())
+    ours = _our_logits(config, variables, lora)
     theirs = _peft_logits(folder, tmp_path)
     _assert_same(f"import {folder.name}", ours, theirs, _base_logits(config, variables))
 
 
 def _is_w(x):
     return isinstance(x, lj.LoraWeights)
+
+
+def test_round_trip_needs_no_config(llama, tmp_path):
+    """split -> export_adapter -> PEFT, and import_adapter back: no config after `split`."""
+    folder, config, variables, layouts = _flax_base(llama, False)
+    lora_config = lj.LoraConfig(
+        rank=8, alpha=16, targets="all-linear", rank_pattern={"layers_1/self_attn/k_proj": 4}
+    )
+    frozen, lora = lj.split(variables, lora_config, key=jax.random.key(0), layouts=layouts)
+    lora = _perturbed(lora, 5)
+    del lora_config  # nothing below sees it
+    lj.peft.export_adapter(tmp_path, lora, module_map=module_map(config))
+    record = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (record["r"], record["lora_alpha"], record["use_rslora"]) == (8, 16, False)
+    assert record["rank_pattern"] == {r"model\.layers\.1\.self_attn\.k_proj": 4}
+    assert record["alpha_pattern"] == {} and record["lora_dropout"] == 0.0
+    ours = _our_logits(config, frozen, lora)
+    _assert_same(
+        "no-config export", ours, _peft_logits(folder, tmp_path), _base_logits(config, variables)
+    )
+    back = lj.peft.import_adapter(tmp_path, frozen, module_map=module_map(config), layouts=layouts)
+    k_proj = "params/layers_1/self_attn/k_proj/kernel"
+    for path, w in _flat(back).items():
+        assert w.scale == (16 / 4 if path == k_proj else 16 / 8), path
+        assert w.rank == (4 if path == k_proj else 8), path
+    assert _flat(back).keys() == _flat(lora).keys()
+    again = _our_logits(config, frozen, back)
+    for x, y in zip(again, ours, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_rslora_adapter_imports_with_scale_alpha_over_sqrt_r(llama, tmp_path):
+    folder, config, variables, layouts = _flax_base(llama, False)
+    hf = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={r"layers\.0\.self_attn\.v_proj": 2},
+        init_lora_weights=False,
+    )
+    peft.get_peft_model(_torch(llama), hf).save_pretrained(tmp_path / "theirs")
+    lora = lj.peft.import_adapter(
+        tmp_path / "theirs", variables, module_map=module_map(config), layouts=layouts
+    )
+    v0 = "params/layers_0/self_attn/v_proj/kernel"
+    assert len(_flat(lora)) == 4
+    for path, w in _flat(lora).items():
+        assert w.scale == (8 / math.sqrt(2) if path == v0 else 8 / math.sqrt(4)), path
+    theirs = _peft_logits(folder, tmp_path / "theirs")
+    base = _base_logits(config, variables)
+    _assert_same("import rslora", _our_logits(config, variables, lora), theirs, base)
+    # written back as the plain LoRA of the same scales (alpha = scale * r)
+    lj.peft.export_adapter(tmp_path / "ours", lora, module_map=module_map(config))
+    record = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert record["use_rslora"] is False and record["lora_alpha"] == 16
+    (key, alpha), *more = record["alpha_pattern"].items()
+    assert not more and key == r"model\.layers\.0\.self_attn\.v_proj"
+    assert alpha / 2 == 8 / math.sqrt(2)  # PEFT's scale alpha / r is exactly ours
+    _assert_same("re-export rslora", theirs, _peft_logits(folder, tmp_path / "ours"), base)
+
+
+def test_export_takes_the_most_common_settings_and_import_casts(tmp_path):
+    layout = lj.Layout("matrix", (0,), (1,))
+    w = lambda r, scale, dropout: lj.LoraWeights(
+        jnp.ones((4, r)), jnp.ones((r, 3)), layout, scale=scale, dropout=dropout
+    )
+    lora = {"a": w(2, 2.0, 0.1), "b": w(2, 2.0, 0.1), "c": w(4, 0.25, 0.0)}
+    frozen = {k: jnp.zeros((4, 3)) for k in lora}
+    mm = lj.peft.ModuleMap((lj.peft.ModuleRule(r"(\w)", r"m.\1"),))
+    lj.peft.export_adapter(tmp_path, lora, module_map=mm, task_type=None)
+    record = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (record["r"], record["lora_alpha"], record["lora_dropout"]) == (2, 4, 0.1)
+    assert record["rank_pattern"] == {r"m\.c": 4} and record["alpha_pattern"] == {r"m\.c": 1}
+    back = lj.peft.import_adapter(tmp_path, frozen, module_map=mm, dtype=jnp.bfloat16)
+    assert {k: (v.scale, v.dropout, v.a.dtype) for k, v in back.items()} == {
+        "a": (2.0, 0.1, jnp.bfloat16),
+        "b": (2.0, 0.1, jnp.bfloat16),
+        "c": (0.25, 0.1, jnp.bfloat16),  # PEFT has one dropout per adapter
+    }
+    with pytest.raises(TypeError, match="`dtype` must be a floating dtype"):
+        lj.peft.import_adapter(tmp_path, frozen, module_map=mm, dtype=jnp.int32)
 
 
 # Each case: our config, PEFT's config, and whether the base is loaded scanned.
@@ -232,22 +316,22 @@ def test_variants_both_ways(case, llama, tmp_path):
     lora_config = lj.LoraConfig(**ours_kw)
     frozen, lora = lj.split(variables, lora_config, key=jax.random.key(0), layouts=layouts)
     lora = _perturbed(lora, 1)
-    lj.export_peft(tmp_path / "ours", lora, lora_config, module_map=module_map(config))
-    ours = _our_logits(config, lora_config, frozen, lora)
+    lj.peft.export_adapter(tmp_path / "ours", lora, module_map=module_map(config))
+    ours = _our_logits(config, frozen, lora)
     _assert_same(f"export {case}", ours, _peft_logits(folder, tmp_path / "ours"), base)
     # PEFT -> ours
     hf = peft.LoraConfig(**peft_kw, init_lora_weights=False)
     peft.get_peft_model(_torch(folder), hf).save_pretrained(tmp_path / "theirs")
-    lora2, config2 = lj.import_peft(
+    lora2 = lj.peft.import_adapter(
         tmp_path / "theirs", variables, module_map=module_map(config), layouts=layouts
     )
     assert {p: w.rank for p, w in _flat(lora2).items()} == {
         p: w.rank for p, w in _flat(lora).items()
     }
-    assert config2.dropout == lora_config.dropout and config2.use_rslora == lora_config.use_rslora
-    for path in _flat(lora):
-        assert config2.scale_for(path) == lora_config.scale_for(path), path
-    ours = _our_logits(config, config2, variables, lora2)
+    for path, w in _flat(lora).items():  # PEFT's scale (alpha/r or alpha/sqrt(r)) is ours
+        assert _flat(lora2)[path].scale == w.scale, path
+        assert _flat(lora2)[path].dropout == w.dropout == lora_config.dropout, path
+    ours = _our_logits(config, variables, lora2)
     _assert_same(f"import {case}", ours, _peft_logits(folder, tmp_path / "theirs"), base)
 
 
@@ -262,7 +346,7 @@ def test_export_records_patterns_as_exact_module_names(llama, tmp_path):
     _, config, variables, layouts = _flax_base(llama, False)
     lora_config = lj.LoraConfig(**CASES["patterns"][0])
     _, lora = lj.split(variables, lora_config, key=jax.random.key(0), layouts=layouts)
-    lj.export_peft(tmp_path, lora, lora_config, module_map=module_map(config), task_type=None)
+    lj.peft.export_adapter(tmp_path, lora, module_map=module_map(config), task_type=None)
     record = json.loads((tmp_path / "adapter_config.json").read_text())
     assert record["rank_pattern"] == {
         r"model\.layers\.0\.self_attn\.q_proj": 2,
@@ -288,8 +372,8 @@ def test_export_merged_loads_in_transformers(llama, tmp_path):
     lora_config = lj.LoraConfig(rank=4, alpha=8, targets="all-linear")
     frozen, lora = lj.split(variables, lora_config, key=jax.random.key(0), layouts=layouts)
     lora = _perturbed(lora, 2)
-    out = export_merged(tmp_path / "merged", config, frozen, lora, lora_config)
-    ours = _base_logits(config, lj.merge(frozen, lora, lora_config))
+    out = export_merged(tmp_path / "merged", config, frozen, lora)
+    ours = _base_logits(config, lj.merge(frozen, lora))
     with torch.no_grad():
         model = _torch(out)
         theirs = [model(torch.from_numpy(ids)).logits.numpy() for ids in INPUTS]
@@ -320,10 +404,10 @@ class TorchFused(torch.nn.Module):
         return torch.cat([self.q(x), self.k(x), self.v(x), self.out(self.heads(x))], dim=-1)
 
 
-FUSED_MAP = lj.ModuleMap(
+FUSED_MAP = lj.peft.ModuleMap(
     (
-        lj.ModuleRule("params/qkv/kernel", ("q", "k", "v"), sizes=(16, 8, 8)),
-        lj.ModuleRule(r"params/(heads|out)/kernel", r"\1"),
+        lj.peft.ModuleRule("params/qkv/kernel", ("q", "k", "v"), sizes=(16, 8, 8)),
+        lj.peft.ModuleRule(r"params/(heads|out)/kernel", r"\1"),
     )
 )
 
@@ -373,16 +457,16 @@ def test_user_map_fused_and_multi_axis_kernels_match_peft(fused, tmp_path):
     lora_config = lj.LoraConfig(rank=3, alpha=6, targets=".*/kernel")
     frozen, lora = lj.split(variables, lora_config, key=jax.random.key(2), layouts=layouts)
     lora = _perturbed(lora, 3)
-    lj.export_peft(tmp_path, lora, lora_config, module_map=FUSED_MAP, task_type=None)
+    lj.peft.export_adapter(tmp_path, lora, module_map=FUSED_MAP, task_type=None)
     with st.safe_open(str(tmp_path / "adapter_model.safetensors"), "np") as f:
         a = {m: f.get_tensor(f"base_model.model.{m}.lora_A.weight") for m in "qkv"}
         assert f.get_tensor("base_model.model.k.lora_B.weight").shape == (8, 3)
     assert np.array_equal(a["q"], a["k"]) and np.array_equal(a["q"], a["v"])
-    ours = [np.asarray(lj.lora_apply(model.apply, lora_config)(frozen, lora, x))]
+    ours = [np.asarray(lj.lora_apply(model.apply)(frozen, lora, x))]
     _assert_same("user map export", ours, _torch_out(torch_model, tmp_path, x))
-    back, back_config = lj.import_peft(tmp_path, frozen, module_map=FUSED_MAP, layouts=layouts)
+    back = lj.peft.import_adapter(tmp_path, frozen, module_map=FUSED_MAP, layouts=layouts)
     for path, w in _flat(lora).items():
-        assert back_config.scale_for(path) == lora_config.scale_for(path)
+        assert _flat(back)[path].scale == w.scale == 2.0
         np.testing.assert_array_equal(np.asarray(_flat(back)[path].a), np.asarray(w.a))
         np.testing.assert_array_equal(np.asarray(_flat(back)[path].b), np.asarray(w.b))
         assert _flat(back)[path].layout == w.layout
@@ -394,16 +478,16 @@ def test_user_map_import_from_peft_and_fused_guard(fused, tmp_path):
     hf = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], init_lora_weights=False)
     peft.get_peft_model(_copy(torch_model), hf).save_pretrained(tmp_path / "qv")
     with pytest.raises(ValueError, match=r"must share one A;.* q and v have different lora_A"):
-        lj.import_peft(tmp_path / "qv", variables, module_map=FUSED_MAP, layouts=layouts)
+        lj.peft.import_adapter(tmp_path / "qv", variables, module_map=FUSED_MAP, layouts=layouts)
     # the multi-axis kernels alone import and match
     hf = peft.LoraConfig(
         r=2, lora_alpha=4, target_modules=["heads", "out"], init_lora_weights=False
     )
     peft.get_peft_model(_copy(torch_model), hf).save_pretrained(tmp_path / "ho")
-    lora, config = lj.import_peft(tmp_path / "ho", variables, module_map=FUSED_MAP, layouts=layouts)
+    lora = lj.peft.import_adapter(tmp_path / "ho", variables, module_map=FUSED_MAP, layouts=layouts)
     assert _flat(lora)["params/heads/kernel"].b.shape == (2, 2, 8)
     assert _flat(lora)["params/out/kernel"].a.shape == (2, 8, 2)
-    ours = [np.asarray(lj.lora_apply(model.apply, config)(variables, lora, x))]
+    ours = [np.asarray(lj.lora_apply(model.apply)(variables, lora, x))]
     _assert_same("user map import", ours, _torch_out(torch_model, tmp_path / "ho", x))
 
 
@@ -416,7 +500,7 @@ def exported(llama, tmp_path):
     _, config, variables, layouts = _flax_base(llama, False)
     lora_config = lj.LoraConfig(**CASES["q-v-only"][0])
     _, lora = lj.split(variables, lora_config, key=jax.random.key(0), layouts=layouts)
-    lj.export_peft(tmp_path, _perturbed(lora, 4), lora_config, module_map=module_map(config))
+    lj.peft.export_adapter(tmp_path, _perturbed(lora, 4), module_map=module_map(config))
     return tmp_path, config, variables, layouts
 
 
@@ -430,7 +514,7 @@ def test_import_rejects_keys_without_prefix(exported):
     folder, config, variables, layouts = exported
     _rewrite(folder, lambda k: k.removeprefix("base_model.model.") if ".0." in k else k)
     with pytest.raises(ValueError, match=r"without the 'base_model\.model\.' prefix") as err:
-        lj.import_peft(folder, variables, module_map=module_map(config), layouts=layouts)
+        lj.peft.import_adapter(folder, variables, module_map=module_map(config), layouts=layouts)
     assert "model.layers.0.self_attn.q_proj.lora_A.weight" in str(err.value)
     assert "nothing was imported" in str(err.value)
 
@@ -439,14 +523,16 @@ def test_import_rejects_keys_naming_no_module(exported):
     folder, config, variables, layouts = exported
     _rewrite(folder, lambda k: k.replace("layers.1.", "layers.7."))
     with pytest.raises(ValueError, match="naming no module of the base") as err:
-        lj.import_peft(folder, variables, module_map=module_map(config), layouts=layouts)
+        lj.peft.import_adapter(folder, variables, module_map=module_map(config), layouts=layouts)
     assert "base_model.model.model.layers.7.self_attn.v_proj.lora_B.weight" in str(err.value)
     assert "model.layers.1.self_attn" in str(err.value)  # the closest real modules
 
 
 def test_import_rejects_what_peft_config_would_not_load(exported):
     folder, config, variables, layouts = exported
-    load = lambda: lj.import_peft(folder, variables, module_map=module_map(config), layouts=layouts)
+    load = lambda: lj.peft.import_adapter(
+        folder, variables, module_map=module_map(config), layouts=layouts
+    )
     path = folder / "adapter_config.json"
     record = json.loads(path.read_text())
     path.write_text(json.dumps({**record, "target_modules": ["q_proj"]}))
@@ -473,9 +559,9 @@ def test_import_onto_scanned_needs_one_rank_per_stack(llama, tmp_path):
     )
     peft.get_peft_model(_torch(llama), hf).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="one Flax kernel, so its modules need one rank"):
-        lj.import_peft(tmp_path, variables, module_map=module_map(config), layouts=layouts)
+        lj.peft.import_adapter(tmp_path, variables, module_map=module_map(config), layouts=layouts)
     with pytest.raises(ValueError, match=r"pass layouts=lj\.infer_layouts"):
-        lj.import_peft(tmp_path, variables, module_map=module_map(config))
+        lj.peft.import_adapter(tmp_path, variables, module_map=module_map(config))
 
 
 def test_import_rejects_changed_embedding_base_weights(llama, tmp_path):
@@ -486,13 +572,13 @@ def test_import_rejects_changed_embedding_base_weights(llama, tmp_path):
     assert "embed_tokens.base_layer.weight" in " ".join(
         st.load_file(str(tmp_path / "adapter_model.safetensors"))
     )
-    lj.import_peft(tmp_path, variables, module_map=module_map(config), layouts=layouts)
+    lj.peft.import_adapter(tmp_path, variables, module_map=module_map(config), layouts=layouts)
     changed = jax.tree.map(lambda x: x, variables)
     changed["params"]["embed_tokens"]["embedding"] = (
         variables["params"]["embed_tokens"]["embedding"].at[0, 0].add(1.0)
     )
     with pytest.raises(ValueError, match=r"full base weights .* differ from `frozen`"):
-        lj.import_peft(tmp_path, changed, module_map=module_map(config), layouts=layouts)
+        lj.peft.import_adapter(tmp_path, changed, module_map=module_map(config), layouts=layouts)
 
 
 def test_export_checks_what_it_wrote(monkeypatch, llama, tmp_path):
@@ -507,7 +593,7 @@ def test_export_checks_what_it_wrote(monkeypatch, llama, tmp_path):
 
     monkeypatch.setattr(st, "save_file", lossy)
     with pytest.raises(OSError, match=rf"missing:\s+{lost.replace('.', '[.]')}"):
-        lj.export_peft(tmp_path, lora, lora_config, module_map=module_map(config))
+        lj.peft.export_adapter(tmp_path, lora, module_map=module_map(config))
 
 
 def test_export_refuses_what_peft_cannot_express(llama, tmp_path):
@@ -515,20 +601,28 @@ def test_export_refuses_what_peft_cannot_express(llama, tmp_path):
     mm = module_map(config)
     pissa = lj.LoraConfig(rank=2, targets=".*/q_proj/kernel", init="pissa")
     _, lora = lj.split(variables, pissa, key=jax.random.key(0), layouts=layouts)
-    with pytest.raises(ValueError, match="PiSSA adapter cannot be exported"):
-        lj.export_peft(tmp_path, lora, pissa, module_map=mm)
+    with pytest.raises(ValueError, match=r"PiSSA adapter cannot be exported(.|\n)*layers_0"):
+        lj.peft.export_adapter(tmp_path, lora, module_map=mm)
     plain = dataclasses.replace(pissa, init="normal")
-    partial = lj.ModuleMap(mm.rules[2:])
+    _, lora = lj.split(variables, plain, key=jax.random.key(0), layouts=layouts)
+    partial = lj.peft.ModuleMap(mm.rules[2:])
     with pytest.raises(ValueError, match=r"no rule for these adapted paths:\s+params/layers_0"):
-        lj.export_peft(tmp_path, lora, plain, module_map=partial)
-    clash = lj.ModuleMap((lj.ModuleRule(r"params/layers_\d+/self_attn/q_proj/kernel", "q"),))
+        lj.peft.export_adapter(tmp_path, lora, module_map=partial)
+    clash = lj.peft.ModuleMap(
+        (lj.peft.ModuleRule(r"params/layers_\d+/self_attn/q_proj/kernel", "q"),)
+    )
     with pytest.raises(ValueError, match=r"sends both params/layers_0/.* and params/layers_1"):
-        lj.export_peft(tmp_path, lora, plain, module_map=clash)
+        lj.peft.export_adapter(tmp_path, lora, module_map=clash)
+    stacked = lj.multi.stack_adapters([lora, lora])
+    with pytest.raises(ValueError, match=r"stacked adapters(.|\n)*unstack_adapter"):
+        lj.peft.export_adapter(tmp_path, stacked, module_map=mm)
+    with pytest.raises(ValueError, match="`lora` holds no adapters"):
+        lj.peft.export_adapter(tmp_path, {}, module_map=mm)
     tied = module_map(dataclasses.replace(config, tie_embeddings=True))
     emb = lj.LoraConfig(rank=2, targets=".*/embedding")
     _, lora = lj.split(variables, emb, key=jax.random.key(0), layouts=layouts)
     with pytest.raises(ValueError, match="also the output head"):
-        lj.export_peft(tmp_path, lora, emb, module_map=tied)
+        lj.peft.export_adapter(tmp_path, lora, module_map=tied)
     assert not (tmp_path / "adapter_config.json").exists()
 
 
@@ -539,14 +633,15 @@ def test_export_refuses_conv_and_bad_templates(tmp_path):
     layouts = lj.infer_layouts(conv.apply, variables, x)
     config = lj.LoraConfig(rank=2, targets=".*/kernel")
     _, lora = lj.split(variables, config, key=jax.random.key(0), layouts=layouts)
-    mm = lj.ModuleMap((lj.ModuleRule("params/kernel", "conv"),))
+    mm = lj.peft.ModuleMap((lj.peft.ModuleRule("params/kernel", "conv"),))
     with pytest.raises(ValueError, match="conv kernels are not supported"):
-        lj.export_peft(tmp_path, lora, config, module_map=mm)
+        lj.peft.export_adapter(tmp_path, lora, module_map=mm)
     scanned = lj.Layout("dense", (1,), (2,), stack_axes=(0,))
-    flat = lj.ModuleMap((lj.ModuleRule("params/layers/fc/kernel", "layers.fc"),))
+    flat = lj.peft.ModuleMap((lj.peft.ModuleRule("params/layers/fc/kernel", "layers.fc"),))
     with pytest.raises(ValueError, match=r"needs exactly \['0'\]"):
         flat.modules_for("params/layers/fc/kernel", (3, 4, 4), scanned)
     with pytest.raises(ValueError, match="sum to 7"):
-        lj.ModuleMap((lj.ModuleRule("w", ("a", "b"), sizes=(3, 4)),)).modules_for("w", (4, 8))
+        rule = lj.peft.ModuleRule("w", ("a", "b"), sizes=(3, 4))
+        lj.peft.ModuleMap((rule,)).modules_for("w", (4, 8))
     with pytest.raises(ValueError, match="`sizes` must be 2 positive ints"):
-        lj.ModuleRule("w", ("a", "b"), sizes=(8,))
+        lj.peft.ModuleRule("w", ("a", "b"), sizes=(8,))

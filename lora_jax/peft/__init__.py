@@ -1,11 +1,54 @@
 """HuggingFace PEFT interop: our adapters as PEFT LoRA folders, and PEFT folders as ours.
 
+A PEFT LoRA adapter is a folder with ``adapter_config.json`` and
+``adapter_model.safetensors``; its tensors are keyed by PyTorch module names
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), never by Flax paths.
+`export_adapter` writes one from adapters alone (each carries its scale and dropout);
+`import_adapter` reads one onto a Flax base, each adapter with the scale PEFT computes.
+A `ModuleMap` says how a Flax kernel path becomes PyTorch module names, one `ModuleRule`
+per kind of kernel:
+
+- the name: ``ModuleRule(r"params/layers_(\\d+)/mlp/(\\w+)/kernel",
+  r"model.layers.\\1.mlp.\\2")``: the pattern must match the whole path; the template takes
+  its groups (``\\1``, ``\\g<name>``) and ``{0}``, ``{1}``... for the indices along the
+  kernel's stack axes, so a scanned ``params/layers/mlp/up_proj/kernel`` of shape
+  ``(layers, in, out)`` becomes ``model.layers.{0}.mlp.up_proj``, one module per layer;
+- the transpose: a Flax kernel is ``(in, out)``, a PyTorch Linear weight ``(out, in)``;
+  ``lora_A.weight`` is ``a.T`` ``(r, in)`` and ``lora_B.weight`` is ``b.T`` ``(out, r)``;
+- multi-axis kernels are flattened row-major in the layout's axis order: a DenseGeneral
+  q kernel ``(d_model, heads, head_dim)`` is the Linear ``(heads*head_dim, d_model)``,
+  head-major, and an output kernel ``(heads, head_dim, d_model)`` the Linear
+  ``(d_model, heads*head_dim)``;
+- a fused kernel is split along its (flattened) output by giving several templates, e.g.
+  ``ModuleRule("params/attn/qkv/kernel", ("attn.q", "attn.k", "attn.v"), sizes=(64, 16, 16))``:
+  every part gets the same A and its own slice of B. On import the parts must carry
+  identical A's (as our export writes them); a part absent from the file gets B = 0;
+- embeddings (`nn.Embed` tables, ``(vocab, dim)``) become PEFT's ``lora_embedding_A``
+  ``(r, vocab)`` and ``lora_embedding_B`` ``(dim, r)``.
+
+The app's Llama-family models have built-in maps (``train.models.peft_map.module_map``).
+
+Scales translate exactly: PEFT multiplies by ``lora_alpha / r`` (``/ sqrt(r)`` with
+``use_rslora``). The export writes ``lora_alpha = scale * r`` per module (``use_rslora``
+false), lists every module by its full name in ``target_modules`` and puts a module's
+rank or alpha in ``rank_pattern``/``alpha_pattern`` (as an escaped full name) when it
+differs from the most common one; the import resolves PEFT's patterns with PEFT's own
+rule (``(.*\\.)?(key)$``, first key wins). What PEFT's format cannot say is an error,
+never a silent difference: a PiSSA adapter (its base is a residual), stacked adapters, a
+conv kernel, a kernel with no rule; on import, DoRA, bias training, ``modules_to_save``
+and other PEFT variants, and every key that PEFT would load with only a warning (no
+``base_model.model.`` prefix, a module the base lacks).
+
+``safetensors`` is needed (``pip install safetensors``); PyTorch and PEFT are not.
+
     >>> import lora_jax as lj
     >>> lj.peft.CONFIG_FILE
     'adapter_config.json'
 """
 
-from lora_jax.peft._files import CONFIG_FILE, export_peft as export_adapter, import_peft as import_adapter
+from lora_jax.peft._config import CONFIG_FILE
+from lora_jax.peft._export import export_adapter
+from lora_jax.peft._import import import_adapter
 from lora_jax.peft._module_map import ModuleMap, ModuleRule
 
 __all__ = ["CONFIG_FILE", "ModuleMap", "ModuleRule", "export_adapter", "import_adapter"]

@@ -2,8 +2,9 @@
 
 A `ModuleMap` holds one `ModuleRule` per kind of kernel: the name template (regex groups
 and ``{0}``, ``{1}``... for stacked-layer indices), the transpose, the flattening of
-multi-axis kernels (head-major), and the split of fused kernels. `lora_jax.export_peft`
-and `lora_jax.import_peft` (see `lora_jax.peft`) use it.
+multi-axis kernels (head-major), and the split of fused kernels.
+`lora_jax.peft.export_adapter` and `lora_jax.peft.import_adapter` use it, through
+`module_slots` (where each module sits in a kernel, as `Slot`) and `unsupported_reason`.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ class ModuleRule:
 
     Example:
         >>> import lora_jax as lj
-        >>> rule = lj.ModuleRule(r"params/layers_(\\d+)/(\\w+)/kernel", r"model.layers.\\1.\\2")
-        >>> lj.ModuleMap((rule,)).modules_for("params/layers_3/fc/kernel", (8, 4))
+        >>> rule = lj.peft.ModuleRule(
+        ...     r"params/layers_(\\d+)/(\\w+)/kernel", r"model.layers.\\1.\\2"
+        ... )
+        >>> lj.peft.ModuleMap((rule,)).modules_for("params/layers_3/fc/kernel", (8, 4))
         ['model.layers.3.fc']
     """
 
@@ -85,7 +88,7 @@ class ModuleRule:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Slot:
+class Slot:
     """Where one PyTorch module's adapter sits in a Flax kernel."""
 
     path: str
@@ -120,19 +123,19 @@ class ModuleMap:
         >>> x = jnp.ones((1, 3, 8))
         >>> variables = model.init(jax.random.key(0), x)
         >>> layouts = lj.infer_layouts(model.apply, variables, x)
-        >>> mha_map = lj.ModuleMap((
-        ...     lj.ModuleRule("params/query/kernel", "q_proj"),
-        ...     lj.ModuleRule("params/key/kernel", "k_proj"),
-        ...     lj.ModuleRule("params/value/kernel", "v_proj"),
-        ...     lj.ModuleRule("params/out/kernel", "out_proj"),
+        >>> mha_map = lj.peft.ModuleMap((
+        ...     lj.peft.ModuleRule("params/query/kernel", "q_proj"),
+        ...     lj.peft.ModuleRule("params/key/kernel", "k_proj"),
+        ...     lj.peft.ModuleRule("params/value/kernel", "v_proj"),
+        ...     lj.peft.ModuleRule("params/out/kernel", "out_proj"),
         ... ))
         >>> config = lj.LoraConfig(rank=2, alpha=4.0, targets=".*/kernel")
         >>> frozen, lora = lj.split(variables, config, key=jax.random.key(1), layouts=layouts)
         >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> lj.export_peft(folder, lora, config, module_map=mha_map, task_type=None)
+        >>> lj.peft.export_adapter(folder, lora, module_map=mha_map, task_type=None)
         >>> json.loads((folder / "adapter_config.json").read_text())["target_modules"]
         ['k_proj', 'out_proj', 'q_proj', 'v_proj']
-        >>> back, _ = lj.import_peft(folder, frozen, module_map=mha_map, layouts=layouts)
+        >>> back = lj.peft.import_adapter(folder, frozen, module_map=mha_map, layouts=layouts)
         >>> back["params"]["out"]["kernel"].a.shape  # (heads, head_dim, rank)
         (2, 4, 2)
     """
@@ -166,50 +169,55 @@ class ModuleMap:
         Raises:
             ValueError: the path is `unsupported`, or the rule does not fit the kernel.
         """
-        reason = self._unsupported(path)
+        reason = unsupported_reason(self, path)
         if reason is not None:
             raise ValueError(f"{path}: {reason}")
-        return list(self._slots(path, tuple(shape), layout) or {})
+        return list(module_slots(self, path, tuple(shape), layout) or {})
 
-    def _unsupported(self, path: str) -> str | None:
-        pairs = typing.cast(tuple[tuple[str, str], ...], self.unsupported)  # see __post_init__
-        return next((why for pat, why in pairs if re.fullmatch(pat, path)), None)
 
-    def _slots(
-        self, path: str, shape: tuple[int, ...], layout: Layout | None
-    ) -> dict[str, _Slot] | None:
-        hit = next(((r, m) for r in self.rules if (m := re.fullmatch(r.pattern, path))), None)
-        if hit is None:
-            return None
-        rule, match = hit
-        layout = layout or matrix_layout(len(shape))
-        if layout is None or layout.ndim != len(shape):
-            raise ValueError(
-                f"{path} has shape {shape}: which axes are inputs, outputs or stacked layers "
-                f"cannot be known from the shape alone; pass "
-                f"layouts=lj.infer_layouts(model.apply, variables, *example_inputs)."
-            )
-        if layout.kind == "conv":
-            raise ValueError(f"{path}: conv kernels are not supported by the PEFT exchange.")
-        stack, _, outs = layout.sizes(shape)
-        templates = [match.expand(t) for t in rule.templates]
-        sizes = rule.sizes or _equal_parts(path, math.prod(outs), len(templates))
-        if sum(sizes) != math.prod(outs):
-            raise ValueError(
-                f"{path}: the rule's sizes {sizes} sum to {sum(sizes)}, but the kernel's "
-                f"flattened output has {math.prod(outs)} features."
-            )
-        for template in templates:
-            _check_placeholders(path, template, len(stack))
-        kind = rule.kind or ("embedding" if layout.kind == "embed" else "linear")
-        slots = {}
-        for index in np.ndindex(*stack):
-            start = 0
-            for template, size in zip(templates, sizes, strict=True):
-                name = template.format(*index)
-                slots[name] = _Slot(path, index, start, start + size, kind, layout, shape)
-                start += size
-        return slots
+def unsupported_reason(module_map: ModuleMap, path: str) -> str | None:
+    """Why `module_map` marks the kernel at `path` unsupported; None when it does not."""
+    pairs = typing.cast(tuple[tuple[str, str], ...], module_map.unsupported)  # __post_init__
+    return next((why for pat, why in pairs if re.fullmatch(pat, path)), None)
+
+
+def module_slots(
+    module_map: ModuleMap, path: str, shape: tuple[int, ...], layout: Layout | None
+) -> dict[str, Slot] | None:
+    """``{module name: Slot}`` for the kernel at `path` (stacked layers, fused parts);
+    None when no rule matches. A ValueError when the first matching rule does not fit."""
+    hit = next(((r, m) for r in module_map.rules if (m := re.fullmatch(r.pattern, path))), None)
+    if hit is None:
+        return None
+    rule, match = hit
+    layout = layout or matrix_layout(len(shape))
+    if layout is None or layout.ndim != len(shape):
+        raise ValueError(
+            f"{path} has shape {shape}: which axes are inputs, outputs or stacked layers "
+            f"cannot be known from the shape alone; pass "
+            f"layouts=lj.infer_layouts(model.apply, variables, *example_inputs)."
+        )
+    if layout.kind == "conv":
+        raise ValueError(f"{path}: conv kernels are not supported by the PEFT exchange.")
+    stack, _, outs = layout.sizes(shape)
+    templates = [match.expand(t) for t in rule.templates]
+    sizes = rule.sizes or _equal_parts(path, math.prod(outs), len(templates))
+    if sum(sizes) != math.prod(outs):
+        raise ValueError(
+            f"{path}: the rule's sizes {sizes} sum to {sum(sizes)}, but the kernel's "
+            f"flattened output has {math.prod(outs)} features."
+        )
+    for template in templates:
+        _check_placeholders(path, template, len(stack))
+    kind = rule.kind or ("embedding" if layout.kind == "embed" else "linear")
+    slots = {}
+    for index in np.ndindex(*stack):
+        start = 0
+        for template, size in zip(templates, sizes, strict=True):
+            name = template.format(*index)
+            slots[name] = Slot(path, index, start, start + size, kind, layout, shape)
+            start += size
+    return slots
 
 
 def _equal_parts(path: str, width: int, n: int) -> tuple[int, ...]:
@@ -232,6 +240,7 @@ def _check_placeholders(path: str, template: str, n_stack: int) -> None:
         )
 
 
-def _listing(names: list[str], limit: int = 20) -> str:
+def listing(names: list[str], limit: int = 20) -> str:
+    """The names one per indented line (at most `limit`), for error messages."""
     more = f"\n  ... ({len(names) - limit} more)" if len(names) > limit else ""
     return "\n  " + "\n  ".join(names[:limit]) + more
