@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from typing import Any
@@ -64,7 +65,7 @@ def _pissa(
         kernel.dtype
     )
     norm = float(np.linalg.norm(np.asarray(residual, np.float64).ravel()))
-    return weights.replace(residual_norm=norm), residual
+    return dataclasses.replace(weights, residual_norm=norm), residual
 
 
 def check_key(key: Any, where: str) -> jax.Array:
@@ -76,7 +77,7 @@ def check_key(key: Any, where: str) -> jax.Array:
             )
         return key
     if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,):
-        return key  # a raw jax.random.PRNGKey
+        return jnp.asarray(key)  # a raw jax.random.PRNGKey
     raise TypeError(
         f"{where}: `key` must be a PRNG key such as jax.random.key(0); found "
         f"{type(key).__name__} {key!r}."

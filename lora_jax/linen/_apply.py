@@ -103,7 +103,7 @@ def _signature(tree: Any) -> tuple:
     """A hashable key for a call's structure: the tree structure, array shapes and dtypes,
     and every other leaf's value (flags such as ``train=True`` change what runs)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    sig = []
+    sig: list[tuple[Any, Any]] = []
     for leaf in leaves:
         if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
             sig.append((tuple(np.shape(leaf)), str(leaf.dtype)))

@@ -75,13 +75,14 @@ def adapted(
 def check_variables(apply_fn: Callable[..., Any], frozen: Any, paths: list[str]) -> None:
     """A linen ``model.apply`` needs a variables dict with a ``params`` collection; say so
     instead of Flax's ScopeCollectionNotFound deep inside the model."""
-    if not isinstance(getattr(apply_fn, "__self__", None), nn.Module):
+    owner = getattr(apply_fn, "__self__", None)
+    if not isinstance(owner, nn.Module):
         return
     if not isinstance(frozen, Mapping) or "params" not in frozen:
         keys = list(frozen)[:5] if isinstance(frozen, Mapping) else type(frozen).__name__
         raise ValueError(
             f"`frozen` has no 'params' collection (found {keys}), but "
-            f"{type(apply_fn.__self__).__name__}.apply takes the variables dict that "
+            f"{type(owner).__name__}.apply takes the variables dict that "
             f"model.init returns, {{'params': ...}}. Split that dict: "
             f"lj.split(variables, config, key=...), not variables['params']."
         )
