@@ -14,6 +14,7 @@ from lora_jax import nnx as nnx_lora
 from lora_jax.core._layout import Layout
 from lora_jax.core._summary import Summary
 from lora_jax.core._summary import summary as summary_of_trees
+from lora_jax.nnx._inplace import model_routes
 
 __all__ = ["infer_layouts", "lora_apply", "routes", "summary"]
 
@@ -171,10 +172,16 @@ def summary(frozen: Any, lora: Any = None, routes: Mapping[str, str] | None = No
         >>> s = lj.summary(frozen, lora)
         >>> s.trainable, s.total, round(s.fraction, 2)
         (32, 64, 0.5)
+        >>> from flax import nnx
+        >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+        >>> config = lj.LoraConfig(rank=2, targets="kernel")
+        >>> model = lj.nnx.add_lora(model, config, key=jax.random.key(1))
+        >>> lj.summary(model).rows[0][-1]
+        'factored (Linear)'
     """
     if isinstance(frozen, nnx.Module):
         model = frozen
         frozen, lora = nnx_lora.lora_state(model)
         if routes is None:
-            routes = nnx_lora.routes(nnx.graphdef(model), frozen, lora)
+            routes = model_routes(model)
     return summary_of_trees(frozen, lora, routes)

@@ -11,9 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import lora_jax as lj
-from lora_jax import _paths
-from lora_jax.weights import flatten_lora
+from lora_jax.core._paths import flatten, nest
+from lora_jax.core._weights import flatten_lora
 
 
 class NnxMlp(nnx.Module):
@@ -72,7 +71,7 @@ def _nnx_paths(path: str, value, layers: int):
 def load_linen(model: nnx.Module, variables, layers: int = 2) -> nnx.Module:
     """Copies linen variables into the NNX twin (in place); every parameter is set once."""
     flat = {}
-    for path, value in _paths.flatten(variables).items():
+    for path, value in flatten(variables).items():
         flat.update(_nnx_paths(path, value, layers))
     seen = set()
     for path, node in nnx.iter_graph(model):
@@ -85,14 +84,16 @@ def load_linen(model: nnx.Module, variables, layers: int = 2) -> nnx.Module:
 
 
 def lora_from_linen(lora, nnx_layouts, layers: int = 2):
-    """Linen adapters as NNX adapters: scanned ones split per layer, NNX layouts."""
+    """Linen adapters as NNX adapters: scanned ones split per layer, NNX layouts; each
+    keeps its scale and dropout rate (a residual norm only where nothing was split)."""
     out = {}
     for path, w in flatten_lora(lora).items():
-        for (p, a), (_, b) in zip(
-            _nnx_paths(path, w.a, layers), _nnx_paths(path, w.b, layers), strict=True
-        ):
-            out[p] = lj.LoraWeights(a, b, nnx_layouts.get(p, w.layout))
-    return _paths.nest(out)
+        parts = list(zip(_nnx_paths(path, w.a, layers), _nnx_paths(path, w.b, layers), strict=True))
+        norm = w.residual_norm if len(parts) == 1 else None
+        for (p, a), (_, b) in parts:
+            layout = nnx_layouts.get(p, w.layout)
+            out[p] = w.replace(a=a, b=b, layout=layout, residual_norm=norm)
+    return nest(out)
 
 
 class NnxLayers(nnx.Module):

@@ -32,7 +32,8 @@ def merge(frozen: Any, lora: Any) -> Any:
     """Plain weights with the adapters folded in: ``W + s·a@b`` at every adapted path.
 
     Each adapter's scale s is its own (`LoraWeights.scale`). The result has the structure
-    of `frozen` and works with the unmodified ``model.apply``. Each merged kernel keeps its
+    of `frozen` (a Flax variables dict, an ``nnx.State`` or any pytree) and works with the
+    unmodified ``model.apply``. Each merged kernel keeps its
     dtype (the update is cast to it).
 
     Args:

@@ -8,6 +8,11 @@ scale and dropout rate, and the base fingerprint). Orbax finalizes a step only w
 item is written, so a crash mid-save leaves the previous steps usable and the partial one
 invisible. The frozen base is never written. No config is needed: a restore checks the
 target's adapters against the stored metadata and refuses one whose scales differ.
+
+Resuming is exact: 20 steps in one go equal 10 steps, a save, a fresh process, a restore and
+10 more, bit for bit (same data order and rng; tested). After a ``kill -9`` mid-save the
+partial step is cleaned up when the folder is next opened (tested by killing a writer at
+several moments).
 """
 
 from __future__ import annotations

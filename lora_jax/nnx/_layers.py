@@ -1,22 +1,42 @@
-"""The Flax NNX layers whose low-rank path lora_jax computes factored.
+"""The Flax NNX layers lora_jax adapts, and the adapter each one carries.
 
-The NNX counterpart of `_layers`: for `nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum`,
-`nnx.Embed` (lookup and ``attend``) and `nnx.Conv`, `kernel_layout` reads the adapted
-parameter's name and `Layout` from the module's attributes (no call needed), and
-`call_delta` gives a call's input and its update ``scale * ((x @ a) @ b)``, the same
-functions the linen layers use. A subclass that overrides a call method is not supported:
-its computation is unknown.
+For `nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum`, `nnx.Embed` (lookup and ``attend``)
+and `nnx.Conv`, `kernel_layout` reads the adapted parameter's name and `Layout` from the
+module's attributes (no call needed), and `call_delta` picks the entry of the one kernel
+table (`lora_jax.core._kernels`, shared with linen) for a call: this module holds no math
+of its own. `attach` gives a layer its adapter in place (two `nnx.LoRAParam`s and the
+adapter's scale and dropout rate, read back by `adapter_of`) and makes it ``Lora<Layer>``,
+whose call adds ``s·((dropout(x) @ a) @ b)`` to the layer's untouched output. A subclass
+that overrides a call method is not supported: its computation is unknown.
 """
 
 from __future__ import annotations
 
+import types
+from collections.abc import Iterator
 from typing import Any
 
-import flax.linen as nn
+import jax
+import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
-from lora_jax.core import _kernels as _layers
+from lora_jax.core._kernels import Delta, LowRank, conv, conv_fn, dense, einsum, embed
 from lora_jax.core._layout import Layout
+from lora_jax.core._weights import LoraWeights
+
+__all__ = [
+    "adapted_modules",
+    "adapter_of",
+    "attach",
+    "call_delta",
+    "check_single",
+    "detach",
+    "kernel_layout",
+    "layers",
+    "original_class",
+    "path_name",
+]
 
 _CLASSES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
 
@@ -27,7 +47,7 @@ def methods(cls: type) -> tuple[str, ...]:
 
 
 def original_class(module: Any) -> type:
-    """The module's class before `add_lora` replaced it."""
+    """The module's class before `attach` replaced it."""
     return getattr(type(module), "_lora_base", type(module))
 
 
@@ -40,45 +60,46 @@ def layer_class(cls: type) -> type | None:
     return None
 
 
-def kernel_layout(module: Any) -> tuple[str, Layout] | None:
-    """``(parameter name, Layout)`` of the kernel a supported layer adapts, else None."""
-    cls = layer_class(original_class(module))
-    if cls is nnx.Linear:
-        return "kernel", Layout("dense", (0,), (1,))
-    if cls is nnx.LinearGeneral:
-        if module.batch_axis:
-            return None
-        n_in, n_out = len(module.in_features), len(module.out_features)
-        return "kernel", Layout("dense", tuple(range(n_in)), tuple(range(n_in, n_in + n_out)))
-    if cls is nnx.Einsum:
-        plan = _layers.einsum_plan(module.einsum_str)
-        return None if plan is None else ("kernel", plan[0])
-    if cls is nnx.Conv:
-        if module.feature_group_count != 1 or module.mask is not None:
-            return None
-        n = len(module.kernel_shape) - 1
-        return "kernel", Layout("conv", tuple(range(n)), (n,))
-    if cls is nnx.Embed:
-        return "embedding", Layout("embed", (0,), (1,))
-    return None
-
-
-def _linen_conv(module: Any, features: int) -> nn.Conv:
-    return nn.Conv(
-        features=features,
-        kernel_size=tuple(module.kernel_shape[:-2]),
+def _conv(module: Any) -> LowRank:
+    """The kernel-table entry of an `nnx.Conv`: its own convolution, any kernel."""
+    window = tuple(module.kernel_shape[:-2])
+    conv_with = conv_fn(
+        window,
         strides=module.strides,
         padding=module.padding,
         input_dilation=module.input_dilation,
         kernel_dilation=module.kernel_dilation,
-        use_bias=False,
         precision=module.precision,
     )
+    return conv(conv_with, len(window))
+
+
+def kernel_layout(module: Any) -> tuple[str, Layout] | None:
+    """``(parameter name, Layout)`` of the kernel a supported layer adapts, else None."""
+    cls = layer_class(original_class(module))
+    if cls is nnx.Linear:
+        return "kernel", dense((0,), 1).layout
+    if cls is nnx.LinearGeneral:
+        if module.batch_axis:
+            return None
+        n_in = len(module.in_features)
+        return "kernel", dense(tuple(range(n_in)), len(module.out_features)).layout
+    if cls is nnx.Einsum:
+        entry = einsum(module.einsum_str)
+        return None if entry is None else ("kernel", entry.layout)
+    if cls is nnx.Conv:
+        custom = module.conv_general_dilated is not lax.conv_general_dilated
+        if module.feature_group_count != 1 or module.mask is not None or custom:
+            return None
+        return "kernel", _conv(module).layout
+    if cls is nnx.Embed:
+        return "embedding", embed("lookup").layout
+    return None
 
 
 def call_delta(
     module: Any, method: str, layout: Layout, args: tuple, kwargs: dict
-) -> tuple[Any, _layers.Delta]:
+) -> tuple[Any, Delta]:
     """The input of one call and the function computing its low-rank update.
 
     Raises:
@@ -89,19 +110,161 @@ def call_delta(
     x = args[0] if args else kwargs[name]
     cls = layer_class(original_class(module))
     if cls is nnx.Embed:
-        return x, _layers.embed_attend if method == "attend" else _layers.embed_lookup
+        return x, embed("attend" if method == "attend" else "lookup").delta
     if cls is nnx.Conv:
-        return x, _layers.conv_deltas(lambda r: _linen_conv(module, r))[0]
+        return x, _conv(module).delta
     if cls is nnx.Einsum:
         eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-        plan = _layers.einsum_plan(eq or module.einsum_str)
+        entry = einsum(eq or module.einsum_str)
         n_stack = len(layout.stack_axes)
-        if plan is None or plan[0].restack(n_stack).perm != layout.perm:
+        if entry is None or entry.layout.restack(n_stack).perm != layout.perm:
             raise ValueError(
                 f"nnx.Einsum called with {eq!r}: its kernel axes differ from those of "
                 f"{module.einsum_str!r}, which the adapter was made for."
             )
-        return x, _layers.dense_delta(plan[1], plan[2])
+        return x, entry.delta
     axes = module.axis if cls is nnx.LinearGeneral else (-1,)
+    axes = (axes,) if isinstance(axes, int) else axes
     x_in = tuple(sorted(ax % x.ndim for ax in axes))
-    return x, _layers.dense_delta(x_in, None)
+    return x, dense(x_in, len(layout.out_axes)).delta
+
+
+class _LoraLayer(nnx.Module):
+    """What `attach` adds to a layer (mixed in before the layer's own class)."""
+
+    _lora_base: type
+    lora_a: nnx.LoRAParam
+    lora_b: nnx.LoRAParam
+    lora_layout: Layout
+    lora_target: str
+    lora_scale: float
+    lora_dropout: float
+    lora_residual_norm: float | None
+    lora_rngs: nnx.RngStream | None
+    deterministic: bool
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        y = super().__call__(*args, **kwargs)
+        return self._lora_add("__call__", y, args, kwargs)
+
+    def _lora_add(self, method: str, y: Any, args: tuple, kwargs: dict) -> Any:
+        x, update = call_delta(self, method, self.lora_layout, args, kwargs)
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(y.dtype)
+            rate = self.lora_dropout
+            if rate > 0.0 and not self.deterministic and self.lora_rngs is not None:
+                keep = jax.random.bernoulli(self.lora_rngs(), 1.0 - rate, x.shape)
+                x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+        a, b = self.lora_a.get_value().astype(y.dtype), self.lora_b.get_value().astype(y.dtype)
+        return y + update(x, a, b, self.lora_scale).astype(y.dtype)
+
+
+class _LoraEmbedLayer(_LoraLayer):
+    """`_LoraLayer` for `nnx.Embed`: the lookup and ``attend`` both carry the update."""
+
+    def attend(self, *args: Any, **kwargs: Any) -> Any:
+        y = super().attend(*args, **kwargs)  # type: ignore[misc]
+        return self._lora_add("attend", y, args, kwargs)
+
+
+_LORA_CLASSES: dict[type, type] = {}
+_ATTRIBUTES = (
+    "lora_a",
+    "lora_b",
+    "lora_layout",
+    "lora_target",
+    "lora_scale",
+    "lora_dropout",
+    "lora_residual_norm",
+    "lora_rngs",
+    "deterministic",
+)
+
+
+def _lora_class(cls: type) -> type:
+    """``Lora<cls>``: `cls` with the adapter mixin in front (one class per layer class)."""
+    if cls not in _LORA_CLASSES:
+        mixin = _LoraEmbedLayer if issubclass(cls, nnx.Embed) else _LoraLayer
+        body = {"_lora_base": cls, "__module__": __name__}
+        _LORA_CLASSES[cls] = types.new_class(
+            f"Lora{cls.__name__}", (mixin, cls), exec_body=lambda ns: ns.update(body)
+        )
+    return _LORA_CLASSES[cls]
+
+
+def attach(module: Any, w: LoraWeights, target: str, rate: float, rngs: Any) -> None:
+    """Gives `module` the adapter `w` (in place): LoRAParams, its scale, class.
+
+    `rate` is the dropout rate this module runs (``w.dropout``, or 0.0 where dropout is
+    off); `rngs` the stream it draws from (unused at rate 0).
+    """
+    object.__setattr__(module, "__class__", _lora_class(type(module)))  # not an NNX attribute
+    module.lora_a = nnx.LoRAParam(w.a)
+    module.lora_b = nnx.LoRAParam(w.b)
+    module.lora_layout = w.layout
+    module.lora_target = target
+    module.lora_scale = float(w.scale)  # type: ignore[arg-type]  # one adapter: checked
+    module.lora_dropout = float(rate)
+    module.lora_residual_norm = w.residual_norm
+    module.lora_rngs = rngs if rate > 0.0 else None
+    module.deterministic = False
+
+
+def detach(module: Any) -> None:
+    """Takes the adapter out of `module` (in place): back to its own class."""
+    for name in _ATTRIBUTES:
+        delattr(module, name)
+    object.__setattr__(module, "__class__", module._lora_base)
+
+
+def adapter_of(module: Any) -> LoraWeights:
+    """The adapter a module carries, with the scale, dropout rate and residual norm it
+    was attached with."""
+    return LoraWeights(
+        module.lora_a.get_value(),
+        module.lora_b.get_value(),
+        module.lora_layout,
+        scale=module.lora_scale,
+        dropout=module.lora_dropout,
+        residual_norm=module.lora_residual_norm,
+    )
+
+
+def path_name(path: tuple) -> str:
+    """``layers/0/attn`` for an `nnx.iter_graph` path."""
+    return "/".join(str(p) for p in path)
+
+
+def adapted_modules(model: Any) -> Iterator[tuple[str, Any]]:
+    """``(kernel path, module)`` of every layer that carries an adapter."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, _LoraLayer):
+            yield path_name((*path, node.lora_target)), node
+
+
+def layers(model: Any) -> dict[str, tuple[Any, str, Layout]]:
+    """``{kernel path: (module, parameter name, layout)}`` of every supported layer; a
+    kernel with more axes than the layer's own (from `nnx.vmap`/`nnx.scan`) gets leading
+    stack axes."""
+    found = {}
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, nnx.Module):
+            continue
+        known = kernel_layout(node)
+        if known is None:
+            continue
+        param, layout = known
+        n_stack = len(getattr(node, param).get_value().shape) - layout.ndim
+        if n_stack >= 0:
+            found[path_name((*path, param))] = (node, param, layout.restack(n_stack))
+    return found
+
+
+def check_single(adapters: dict[str, LoraWeights], where: str) -> None:
+    """A TypeError when `lora` holds stacked adapters (a tuple of scales)."""
+    for path, w in adapters.items():
+        if isinstance(w.scale, tuple):
+            raise TypeError(
+                f"{where}: `lora` at {path!r} stacks {len(w.scale)} adapters "
+                f"(lj.multi.stack_adapters); take one with lj.multi.unstack_adapter."
+            )

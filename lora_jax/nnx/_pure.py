@@ -1,10 +1,12 @@
 """The pure form for Flax NNX: `lora_apply` and `routes` on ``nnx.split`` state.
 
-``graphdef, state = nnx.split(model)``; ``frozen, lora = lj.split(state, config, ...)``;
-``lj.lora_apply(graphdef, config)(frozen, lora, x)`` rebuilds the model from `frozen` for
-the call (`nnx.merge` into new `Variable`s around the same arrays, so the inputs never
-change), gives each supported layer its adapter as in
-`lora_jax.add_lora`, and calls it. Gradients flow to `lora` only; `frozen` is an input.
+``graphdef, state = nnx.split(model)``; ``frozen, lora = lj.split(state, config, key=...,
+layouts=lj.nnx.infer_layouts(model))``; ``lj.nnx.lora_apply(graphdef)(frozen, lora, x)``
+rebuilds the model from `frozen` for the call (`nnx.merge` into new `Variable`s around the
+same arrays, so the inputs never change), gives each supported layer its adapter as
+`lora_jax.nnx.add_lora` does, merges the others, and calls it. Which adapters run factored
+is read from the layers before the call. Gradients flow to `lora` only; `frozen` is an
+input. Each adapter brings its own scale and dropout rate: no config.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Any
 
 from flax import nnx
 
-from lora_jax.core import _paths
-from lora_jax.nnx import _inplace as nnx_lora
-from lora_jax.core._config import DROPOUT_RNG, LoraConfig
+from lora_jax.core._config import DROPOUT_RNG
+from lora_jax.core._paths import flatten
 from lora_jax.core._weights import LoraWeights, check_fits, delta, flatten_lora
+from lora_jax.nnx._layers import adapted_modules, attach, check_single, layers, path_name
+
+__all__ = ["dropout_rates", "lora_apply", "plan", "routes"]
 
 
 def _same_axes(a: Any, b: Any) -> bool:
@@ -29,12 +33,12 @@ def _same_axes(a: Any, b: Any) -> bool:
 def plan(model: Any, adapters: Mapping[str, LoraWeights]) -> dict[str, tuple | None]:
     """``{path: (module, parameter name) or None}``: the layer that takes each adapter
     factored, or None where it must be merged."""
-    if any(True for _ in nnx_lora.adapted_modules(model)):
+    if any(True for _ in adapted_modules(model)):
         raise ValueError(
             "this graphdef already carries adapters (add_lora was called before "
             "nnx.split): pass the graphdef of the model without them, or call the model."
         )
-    found = nnx_lora.layers(model)
+    found = layers(model)
     out: dict[str, tuple | None] = {}
     for path, w in adapters.items():
         hit = found.get(path)
@@ -42,51 +46,92 @@ def plan(model: Any, adapters: Mapping[str, LoraWeights]) -> dict[str, tuple | N
     return out
 
 
-def _stream(config: LoraConfig, rngs: Any) -> tuple[float, Any]:
-    if rngs is None:
-        return 0.0, None
-    if not isinstance(rngs, Mapping) or set(rngs) - {DROPOUT_RNG}:
+def dropout_rates(
+    adapters: Mapping[str, LoraWeights], rngs: Any, deterministic: bool
+) -> tuple[dict[str, float], Any]:
+    """The dropout rate each adapter runs with in this call, and the stream it draws from.
+
+    Adapters carry their rate; it runs when the call has ``rngs={"lora_dropout": key}``.
+    An adapter with a rate but no such rng in a non-deterministic call is a warning (it
+    would otherwise silently train without dropout); the NNX counterpart of linen's.
+
+    Raises:
+        ValueError: `rngs` holds anything other than the ``lora_dropout`` key.
+    """
+    if rngs is not None and (not isinstance(rngs, Mapping) or set(rngs) - {DROPOUT_RNG}):
         raise ValueError(
             f"`rngs` takes only {{{DROPOUT_RNG!r}: key}} for an NNX model (its own streams "
             f"live in its state); found {rngs!r}."
         )
-    if DROPOUT_RNG not in rngs or config.dropout <= 0.0:
-        return 0.0, None
-    return config.dropout, nnx.Rngs(**{DROPOUT_RNG: rngs[DROPOUT_RNG]})[DROPOUT_RNG]
+    off = {p: 0.0 for p in adapters}
+    wanting = sorted(p for p, w in adapters.items() if w.dropout > 0.0)
+    if deterministic or not wanting:
+        return off, None
+    if rngs is None or DROPOUT_RNG not in rngs:
+        warnings.warn(
+            f"{len(wanting)} adapter(s) have LoRA dropout (e.g. {wanting[0]!r}, rate "
+            f"{adapters[wanting[0]].dropout}) but the call has no {DROPOUT_RNG!r} rng, so no "
+            f"dropout runs. Pass rngs={{{DROPOUT_RNG!r}: key}} to train with it, or make the "
+            f"apply function with lj.nnx.lora_apply(graphdef, deterministic=True) for "
+            f"evaluation.",
+            stacklevel=3,
+        )
+        return off, None
+    stream = nnx.Rngs(**{DROPOUT_RNG: rngs[DROPOUT_RNG]})[DROPOUT_RNG]
+    return {p: w.dropout for p, w in adapters.items()}, stream
 
 
-def with_adapters(
-    graphdef: nnx.GraphDef, config: LoraConfig, frozen: Any, lora: Any, rngs: Any = None
-) -> nnx.Module:
+def _with_adapters(
+    graphdef: nnx.GraphDef, frozen: Any, adapters: dict[str, LoraWeights], rates: Any, stream: Any
+) -> tuple[nnx.Module, list[str]]:
     """The model rebuilt from `frozen`, its supported layers carrying their adapters and
-    every other adapted parameter merged."""
-    adapters = flatten_lora(lora)
-    flat = _paths.flatten(frozen)
-    check_fits(flat, adapters)
+    every other adapted parameter merged (those paths are returned too)."""
+    flat = flatten(frozen)
     model = nnx.merge(graphdef, frozen, copy=True)  # new Variables: the inputs stay as they are
-    rate, stream = _stream(config, rngs)
     merged = {}
     for path, hit in plan(model, adapters).items():
         w = adapters[path]
-        scale = config.scale_for(path, w.rank)
         if hit is None:
-            merged[path] = flat[path] + delta(w, scale, flat[path].dtype)
+            merged[path] = flat[path] + delta(w, flat[path].dtype)
         else:
-            nnx_lora.attach(hit[0], w, hit[1], scale, rate, stream)
-    if merged:
-        if rate > 0.0:
-            warnings.warn(
-                f"LoRA dropout is not applied on merged paths: {sorted(merged)}.", stacklevel=3
-            )
-        for parts, node in nnx.iter_graph(model):
-            name = "/".join(str(p) for p in parts)
-            if isinstance(node, nnx.Variable) and name in merged:
-                node.set_value(merged[name])
-    return model
+            attach(hit[0], w, hit[1], rates[path], stream)
+    for parts, node in nnx.iter_graph(model) if merged else ():
+        if isinstance(node, nnx.Variable) and path_name(parts) in merged:
+            node.set_value(merged[path_name(parts)])
+    return model, sorted(merged)
 
 
-def lora_apply_nnx(graphdef: nnx.GraphDef, config: LoraConfig) -> Callable[..., Any]:
-    """`lora_jax.lora_apply` for an NNX graphdef (see there)."""
+def _checked(frozen: Any, lora: Any, where: str) -> dict[str, LoraWeights]:
+    adapters = flatten_lora(lora)
+    check_single(adapters, where)
+    check_fits(flatten(frozen), adapters)
+    return adapters
+
+
+def lora_apply(graphdef: nnx.GraphDef, *, deterministic: bool = False) -> Callable[..., Any]:
+    """`lora_jax.lora_apply` for an NNX graphdef: runs the model with its adapters.
+
+    Args:
+        graphdef: from ``graphdef, state = nnx.split(model)``, of a model without adapters.
+        deterministic: never run LoRA dropout, and do not warn about it (evaluation).
+
+    Returns:
+        ``apply(frozen, lora, *args, rngs=None, method="__call__", **kwargs)``: calls
+        ``method`` of the model rebuilt from `frozen` with `lora`. ``rngs`` takes only
+        ``{"lora_dropout": key}``: adapters with dropout run it then; without it they warn
+        (no dropout runs) unless `deterministic`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lora_jax as lj
+        >>> from flax import nnx
+        >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+        >>> graphdef, state = nnx.split(model)
+        >>> config = lj.LoraConfig(rank=2, targets="kernel")
+        >>> frozen, lora = lj.split(state, config, key=jax.random.key(1))
+        >>> x = jnp.ones((2, 4))
+        >>> bool((lj.nnx.lora_apply(graphdef)(frozen, lora, x) == model(x)).all())
+        True
+    """
 
     def apply(
         frozen: Any,
@@ -96,7 +141,14 @@ def lora_apply_nnx(graphdef: nnx.GraphDef, config: LoraConfig) -> Callable[..., 
         method: str | Callable[..., Any] = "__call__",
         **kwargs: Any,
     ) -> Any:
-        model = with_adapters(graphdef, config, frozen, lora, rngs)
+        adapters = _checked(frozen, lora, "lora_apply")
+        rates, stream = dropout_rates(adapters, rngs, deterministic)
+        model, merged = _with_adapters(graphdef, frozen, adapters, rates, stream)
+        with_dropout = [p for p in merged if rates[p] > 0.0]
+        if with_dropout:
+            warnings.warn(
+                f"LoRA dropout is not applied on merged paths: {with_dropout}.", stacklevel=2
+            )
         call = (
             getattr(model, method) if isinstance(method, str) else functools.partial(method, model)
         )
@@ -105,10 +157,29 @@ def lora_apply_nnx(graphdef: nnx.GraphDef, config: LoraConfig) -> Callable[..., 
     return apply
 
 
-def routes_nnx(graphdef: nnx.GraphDef, frozen: Any, lora: Any) -> dict[str, str]:
-    """`lora_jax.routes` for an NNX graphdef: read from the layers, nothing traced."""
-    adapters = flatten_lora(lora)
-    check_fits(_paths.flatten(frozen), adapters)
+def routes(graphdef: nnx.GraphDef, frozen: Any, lora: Any) -> dict[str, str]:
+    """Which path each adapter takes in `lora_apply`: ``"factored (<Layer>)"`` or ``"merged"``.
+
+    Read from the layers: nothing is traced and no inputs are needed.
+
+    Args:
+        graphdef: from ``nnx.split(model)``, of a model without adapters.
+        frozen: the base (``nnx.split(model)[1]``, or `frozen` from `lora_jax.split`).
+        lora: the adapters.
+
+    Returns:
+        ``{path: route}`` for every adapter.
+
+    Example:
+        >>> import jax, lora_jax as lj
+        >>> from flax import nnx
+        >>> graphdef, state = nnx.split(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+        >>> config = lj.LoraConfig(rank=2, targets="kernel")
+        >>> frozen, lora = lj.split(state, config, key=jax.random.key(1))
+        >>> lj.nnx.routes(graphdef, frozen, lora)
+        {'kernel': 'factored (Linear)'}
+    """
+    adapters = _checked(frozen, lora, "routes")
     found = plan(nnx.merge(graphdef, frozen, copy=True), adapters)
     return {
         p: "merged" if hit is None else f"factored ({type(hit[0]).__name__})"
