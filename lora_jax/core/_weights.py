@@ -250,8 +250,9 @@ def unstacked_shapes(frozen_flat: dict[str, Any], stacked: Any) -> tuple[int, di
         want_a, want_b = (n_stack + len(axes) + 2 for axes in (layout.in_axes, layout.out_axes))
         if w.a.ndim != want_a or w.b.ndim != want_b:
             raise ValueError(
-                f"{path}: `stacked` must hold adapters from lj.stack_adapters (an adapter axis "
-                f"after the {n_stack} stack axes, so a has {want_a} axes and b {want_b}); "
+                f"{path}: `stacked` must hold adapters from lj.multi.stack_adapters (an "
+                f"adapter axis after the {n_stack} stack axes, so a has {want_a} axes and b "
+                f"{want_b}); "
                 f"found a={tuple(w.a.shape)}, b={tuple(w.b.shape)}."
             )
         k, kb = w.a.shape[n_stack], w.b.shape[n_stack]

@@ -1,6 +1,6 @@
 """`lora_apply_mixed`: one batch, each example with its own adapter, in one call.
 
-k adapters stacked by `lora_jax.stack_adapters` ride next to their kernels in the
+k adapters stacked by `lora_jax.multi.stack_adapters` ride next to their kernels in the
 ``params`` collection (as in `lora_apply`), and each supported Flax layer adds, for example
 i, ``s·((x[i] @ a[ids[i]]) @ b[ids[i]])``: the factors are gathered per example and
 contracted with two batched einsums, so no per-example weight matrix ``W + s·a@b`` is ever
@@ -59,7 +59,7 @@ def _interceptor(
             return next_fun(*args, **kwargs)
         module, site, a, b, path, x = found
         n = rows.shape[0]
-        if site.mixed is None or x.ndim == 0 or x.shape[0] != n:
+        if site.low_rank.mixed is None or x.ndim == 0 or x.shape[0] != n:
             raise ValueError(
                 f"{path}: the {type(module).__name__} input has shape {tuple(x.shape)}, but a "
                 f"mixed batch needs the example axis first (and not contracted) at every "
@@ -72,7 +72,7 @@ def _interceptor(
             if rates.get(path, 0.0) > 0.0:
                 x = dropout(module, path, x, rates[path])
         scale = (gate * jnp.take(scales[path], rows)).astype(y.dtype)
-        d = site.mixed(x, a.astype(y.dtype), b.astype(y.dtype), scale, rows)
+        d = site.low_rank.mixed(x, a.astype(y.dtype), b.astype(y.dtype), scale, rows)
         return y + d.astype(y.dtype)
 
     return intercept
@@ -102,7 +102,9 @@ def _variables(frozen: Any, stacked: Any) -> tuple[Any, int, dict[str, Any]]:
     return inject(frozen, entries), k, flat
 
 
-def lora_apply_mixed(apply_fn: Callable[..., Any], *, deterministic: bool = False) -> Callable[..., Any]:
+def lora_apply_mixed(
+    apply_fn: Callable[..., Any], *, deterministic: bool = False
+) -> Callable[..., Any]:
     """Wraps a Flax linen ``model.apply`` to run each example of a batch with its own adapter.
 
     The returned ``apply(frozen, stacked, adapter_ids, *args, **kwargs)`` calls

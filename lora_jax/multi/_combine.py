@@ -1,27 +1,25 @@
 """`combine_adapters`: one adapter standing for a weighted sum of several, as PEFT's
 ``add_weighted_adapter`` (``"linear"``, ``"cat"``, ``"svd"``).
 
-Adapter i with weight w_i and scale s_i stands for the update ``w_i·s_i·a_i@b_i``; the
-intended combination is the sum of those updates.
+Adapter i with weight w_i and its own scale s_i stands for the update ``w_i·s_i·a_i@b_i``;
+the intended combination is the sum of those updates. The result carries scale 1.0: its
+factors hold the whole update.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import numbers
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lora_jax.core import _paths
-from lora_jax.core._config import LoraConfig
-from lora_jax.multi._merge_many import per_adapter
+from lora_jax.core._paths import nest
 from lora_jax.core._weights import LoraWeights
+from lora_jax.multi._merge_many import weighted_adapters
 
 __all__ = ["COMBINATIONS", "combine_adapters"]
 
@@ -35,7 +33,8 @@ def _kernel_sizes(w: LoraWeights) -> tuple[tuple[int, ...], tuple[int, ...], tup
 
 
 def _at_path(flats: list, path: str) -> list[tuple[int, LoraWeights]]:
-    """The adapters that have `path`, checked to agree on its layout and kernel shape."""
+    """The adapters that have `path`, checked to agree on its layout, kernel shape and
+    base (a PiSSA adapter's residual)."""
     present = [(i, flat[path]) for i, flat in enumerate(flats) if path in flat]
     j, first = present[0]
     for i, w in present[1:]:
@@ -45,10 +44,19 @@ def _at_path(flats: list, path: str) -> list[tuple[int, LoraWeights]]:
                 f"(stack, in, out) sizes {_kernel_sizes(w)} against {first.layout} with "
                 f"{_kernel_sizes(first)}; they cannot be adapters of the same kernel."
             )
+        if w.residual_norm != first.residual_norm:
+            raise ValueError(
+                f"`loras[{i}]` and `loras[{j}]` need different bases at {path!r}: residual "
+                f"norm {w.residual_norm} against {first.residual_norm} (init='pissa' changes "
+                f"the base kernel); combine only adapters made on one base."
+            )
     return present
 
 
-def _svd(path: str, ws: list[LoraWeights], cs: list[float], rank: int | None) -> LoraWeights:
+Factors = tuple[jax.Array, jax.Array]
+
+
+def _svd(path: str, ws: list[LoraWeights], cs: list[float], rank: int | None) -> Factors:
     """Best rank-r approximation of ``Σ c_i·a_i@b_i``: per stacked slice, the top singular
     directions, with the singular values on ``b`` (as PEFT)."""
     stack, ins, outs = _kernel_sizes(ws[0])
@@ -71,59 +79,41 @@ def _svd(path: str, ws: list[LoraWeights], cs: list[float], rank: int | None) ->
     u, sv, vh = jnp.linalg.svd(m, full_matrices=False)
     a = u[..., :r].reshape(*stack, *ins, r)
     b = (sv[..., :r, None] * vh[..., :r, :]).reshape(*stack, r, *outs)
-    return LoraWeights(a.astype(ws[0].a.dtype), b.astype(ws[0].b.dtype), ws[0].layout)
+    return a.astype(ws[0].a.dtype), b.astype(ws[0].b.dtype)
 
 
 def _combine_path(
     path: str, present: list, cs: list[float], combination_type: str, rank: int | None
-) -> LoraWeights:
+) -> Factors:
     ws = [w for _, w in present]
-    layout, n_stack = ws[0].layout, len(ws[0].layout.stack_axes)
     if combination_type == "svd":
         return _svd(path, ws, cs, rank)
     if combination_type == "cat":
         a = jnp.concatenate([c * w.a for w, c in zip(ws, cs, strict=True)], axis=-1)
-        return LoraWeights(a, jnp.concatenate([w.b for w in ws], axis=n_stack), layout)
+        return a, jnp.concatenate([w.b for w in ws], axis=len(ws[0].layout.stack_axes))
     for i, w in present:
         if w.rank != ws[0].rank:
             raise ValueError(
                 f"{path}: `linear` needs one rank, but `loras[{i}]` has rank {w.rank} and "
-                f"`loras[{present[0][0]}]` rank {ws[0].rank}. Pad with lj.pad_rank, or use "
-                f"'cat' or 'svd'."
+                f"`loras[{present[0][0]}]` rank {ws[0].rank}. Pad with lj.multi.pad_rank, or "
+                f"use 'cat' or 'svd'."
             )
     a = sum(math.copysign(math.sqrt(abs(c)), c) * w.a for w, c in zip(ws, cs, strict=True))
     b = sum(math.sqrt(abs(c)) * w.b for w, c in zip(ws, cs, strict=True))
-    return LoraWeights(a, b, layout)
-
-
-def _result_config(configs: list[LoraConfig], flats: list, ranks: dict[str, int]) -> LoraConfig:
-    """A config with scale 1 at every path (alpha = rank there, as PEFT), giving the ranks."""
-    base = configs[0]
-    common = collections.Counter(ranks.values()).most_common(1)[0][0]
-    odd = {re.escape(p): r for p, r in ranks.items() if r != common}
-    same = all(c.targets == base.targets and c.exclude == base.exclude for c in configs)
-    same = same and all(f.keys() == flats[0].keys() for f in flats)
-    return dataclasses.replace(
-        base,
-        targets=base.targets if same else tuple(re.escape(p) for p in ranks),
-        exclude=base.exclude if same else None,
-        rank=common,
-        alpha=float(common),
-        use_rslora=False,
-        rank_pattern=tuple(odd.items()),
-        alpha_pattern=tuple((p, float(r)) for p, r in odd.items()),
-    )
+    return a, b
 
 
 def combine_adapters(
     loras: Sequence[Any],
-    configs: LoraConfig | Sequence[LoraConfig],
     weights: Sequence[float],
     *,
-    combination_type: str,
+    combination_type: str = "cat",
     rank: int | None = None,
-) -> tuple[dict[str, Any], LoraConfig]:
+) -> dict[str, Any]:
     """One adapter standing for ``Σ_i w_i·s_i·a_i@b_i``, as PEFT's ``add_weighted_adapter``.
+
+    Each adapter brings its own scale s_i (`LoraWeights.scale`), so adapters of different
+    ranks and alphas combine without any config.
 
     - ``"cat"``: the factors concatenated along the rank (``w_i·s_i`` on each ``a_i``):
       exactly the weighted sum of the updates, at rank ``Σ r_i``.
@@ -136,36 +126,36 @@ def combine_adapters(
       agree across the two libraries.
 
     Adapters may target different paths: each target combines the adapters that have it.
-    The returned config has scale 1 at every target (``alpha`` = rank there, PEFT's choice),
-    so the factors carry the whole update and ``lj.merge(frozen, lora, config)`` gives
-    ``W + Σ w_i·s_i·a_i@b_i`` (exactly for cat, truncated for svd). It keeps the first
-    config's other fields, and its `targets` (exact paths when the adapters' targets differ).
+    Every result adapter has scale 1.0 (PEFT's choice, ``alpha`` = rank), so its factors
+    carry the whole update and ``lj.merge(frozen, lora)`` gives ``W + Σ w_i·s_i·a_i@b_i``
+    (exactly for cat, truncated for svd). The dropout rate and PiSSA residual norm are
+    those of the first adapter at the target.
 
     Args:
-        loras: the adapters.
-        configs: the config of each adapter, or one config for all.
+        loras: the adapters (one `LoraWeights` tree each, not stacked).
         weights: a weight per adapter (negative subtracts).
         combination_type: ``"linear"``, ``"cat"`` or ``"svd"``.
         rank: the rank of an ``"svd"`` result (at most the sum of the ranks at a target and
             the kernel's largest rank); only for ``"svd"``.
 
     Returns:
-        ``(lora, config)``: a nested dict of `LoraWeights` and its `LoraConfig`.
+        A nested dict of `LoraWeights`, each with scale 1.0.
 
     Raises:
-        ValueError: an unknown combination, `configs` or `weights` of the wrong length,
-            adapters that disagree on a target's layout or shape, ``"linear"`` over
-            different ranks, or an svd rank out of range (the adapter and path are named).
-        TypeError: a weight is not a finite number, a config is not a `LoraConfig`, or
-            `rank` is not an int.
+        ValueError: an unknown combination, `loras` empty, `weights` of the wrong length,
+            adapters that disagree on a target's layout, shape or PiSSA base, ``"linear"``
+            over different ranks, or an svd rank out of range (the adapter and path are
+            named).
+        TypeError: a weight is not a finite number, `rank` is not an int, or an entry holds
+            stacked adapters or something other than `LoraWeights`.
 
     Example:
         >>> import jax, jax.numpy as jnp, lora_jax as lj
         >>> params = {"params": {"fc": {"kernel": jnp.ones((8, 6))}}}
-        >>> config = lj.LoraConfig(rank=2, targets=".*/kernel")
+        >>> config = lj.LoraConfig(rank=2, alpha=8.0, targets=".*/kernel")
         >>> loras = [lj.split(params, config, key=jax.random.key(i))[1] for i in range(3)]
-        >>> lora, cat = lj.combine_adapters(loras, config, [1.0, 0.5, -1.0], combination_type="cat")
-        >>> lora["params"]["fc"]["kernel"].rank, cat.scale_for("params/fc/kernel", 6)
+        >>> lora = lj.multi.combine_adapters(loras, [1.0, 0.5, -1.0], combination_type="cat")
+        >>> lora["params"]["fc"]["kernel"].rank, lora["params"]["fc"]["kernel"].scale
         (6, 1.0)
     """
     if combination_type not in COMBINATIONS:
@@ -178,12 +168,12 @@ def combine_adapters(
         raise ValueError(
             f"`rank` applies to 'svd' only; found rank={rank} with {combination_type!r}."
         )
-    flats, configs, weights = per_adapter(loras, configs, weights)
+    flats, weights = weighted_adapters(loras, weights)
     paths = list(dict.fromkeys(p for flat in flats for p in flat))
     out = {}
     for path in paths:
         present = _at_path(flats, path)
-        cs = [weights[i] * configs[i].scale_for(path, w.rank) for i, w in present]
-        out[path] = _combine_path(path, present, cs, combination_type, rank)
-    config = _result_config(configs, flats, {p: w.rank for p, w in out.items()})
-    return _paths.nest(out), config
+        cs = [weights[i] * w.scale for i, w in present]  # type: ignore[operator]
+        a, b = _combine_path(path, present, cs, combination_type, rank)
+        out[path] = dataclasses.replace(present[0][1], a=a, b=b, scale=1.0)
+    return nest(out)

@@ -2,160 +2,297 @@
 
 Adapters with the same targets, layouts and ranks are values of one pytree structure, so one
 compiled `lora_apply` serves them all: swapping is a new argument, never a retrace.
-`pad_rank` brings a smaller adapter to a shared rank without changing what it computes, and
-`stack_adapters` puts k adapters on one extra axis for `lora_apply_mixed`.
+`pad_rank` brings a smaller adapter to a shared rank without changing what it computes;
+`stack_adapters` puts k adapters (each keeping its own scale) on one extra axis for
+`lora_apply_mixed`, and `unstack_adapter` / `replace_adapter` take one out or put one in.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lora_jax.core import _paths
-from lora_jax.core._config import LoraConfig
-from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora, flatten_loras
+from lora_jax.core._paths import nest
+from lora_jax.core._weights import LoraWeights, flatten_lora, kernel_shape
+from lora_jax.multi._merge_many import weighted_adapters
 
-__all__ = ["pad_rank", "stack_adapters"]
+__all__ = ["pad_rank", "replace_adapter", "stack_adapters", "unstack_adapter"]
 
 
-def _pad_one(w: LoraWeights, rank: int, factor: float) -> LoraWeights:
-    n_stack = len(w.layout.stack_axes)
-    extra = rank - w.rank
+def _pad_one(path: str, w: LoraWeights, rank: int, scale: float | None) -> LoraWeights:
+    if isinstance(w.scale, tuple):
+        raise TypeError(
+            f"{path}: `lora` stacks {len(w.scale)} adapters; pad each before "
+            f"lj.multi.stack_adapters (lj.multi.unstack_adapter takes one out)."
+        )
+    if rank < w.rank:
+        raise ValueError(
+            f"{path}: cannot pad to rank {rank}, the adapter already has rank {w.rank}. "
+            f"To lower a rank, use lj.multi.combine_adapters([lora], [1.0], "
+            f"combination_type='svd', rank={rank})."
+        )
+    shape = kernel_shape(w)
+    limit = w.layout.max_rank(shape)
+    if rank > limit:
+        raise ValueError(
+            f"{path}: cannot pad to rank {rank}: the kernel {shape} allows at most rank "
+            f"{limit} (the smaller of its flattened input and output sizes), as lj.split."
+        )
+    n_stack, extra = len(w.layout.stack_axes), rank - w.rank
     pad_a = [(0, 0)] * (w.a.ndim - 1) + [(0, extra)]
     pad_b = [(0, 0)] * w.b.ndim
     pad_b[n_stack] = (0, extra)
+    new_scale = w.scale if scale is None else scale
+    factor = w.scale / new_scale
     b = w.b if factor == 1.0 else w.b * jnp.asarray(factor, w.b.dtype)
-    return LoraWeights(jnp.pad(w.a, pad_a), jnp.pad(b, pad_b), w.layout)
+    return dataclasses.replace(w, a=jnp.pad(w.a, pad_a), b=jnp.pad(b, pad_b), scale=new_scale)
 
 
-def pad_rank(
-    lora: Any, rank: int, config: LoraConfig, *, to_config: LoraConfig | None = None
-) -> dict[str, Any]:
+def pad_rank(lora: Any, rank: int, *, scale: float | None = None) -> dict[str, Any]:
     """Every adapter padded with zeros to `rank`, computing what it computed before.
 
-    ``a`` gets zero columns and ``b`` zero rows, so ``a @ b`` is unchanged. The scale of the
-    low-rank path depends on the rank (``alpha / rank``), so ``b`` is also multiplied by
-    ``config.scale_for(path, old_rank) / to_config.scale_for(path, rank)``: the padded
-    adapter run with `to_config` gives the outputs the original gave with `config`, and its
-    `lora_jax.merge` gives the same weights. This is exact in real arithmetic; in floating
-    point ``b`` is rounded once when that factor is not a power of two (outputs then agree
-    to about one ulp), and nothing is rounded when it is (e.g. rank 4 to 8 at a fixed
-    alpha, or the same scale). Adapters of ranks 4, 8 and 16 padded to 16 then share one
-    compiled function, and `stack_adapters` accepts them.
-
-    The config's `rank_for` still gives the old rank: pass `config=` to
-    `lora_jax.load_adapter` only for unpadded adapters.
+    ``a`` gets zero columns and ``b`` zero rows, so ``a @ b`` is unchanged. Each adapter
+    keeps its scale and nothing is rounded: the original values are kept bit for bit, and
+    outputs and `lora_jax.merge` equal the original's (bit for bit where XLA sums the
+    longer rank axis in the same order, else to within that summation order). With
+    `scale`, every adapter gets that scale instead and ``b`` is multiplied by
+    ``old_scale / scale``: the same outputs up to rounding (``b`` is rounded once when the
+    factor is not a power of two). Adapters of ranks 4, 8 and 16 padded to 16 then share
+    one compiled `lora_apply`, and `stack_adapters` accepts them (stacking keeps each
+    adapter's scale, so `scale` is rarely needed).
 
     Args:
-        lora: adapters from `lora_jax.split`.
-        rank: the new rank of every adapter, at least each one's current rank.
-        config: the config `lora` was made with (it gives the current scales).
-        to_config: the config the padded adapters will run with; defaults to `config`.
-            Rescaling onto one shared config is also how adapters trained with different
-            alphas become stackable.
+        lora: adapters (a tree of `LoraWeights`, not stacked).
+        rank: the new rank of every adapter, at least each one's current rank and at most
+            its kernel's largest rank.
+        scale: the scale the padded adapters carry; each keeps its own by default.
 
     Returns:
         A nested dict like `lora`, with ``a`` of shape ``(*stack, *in, rank)`` and ``b`` of
         shape ``(*stack, rank, *out)``.
 
     Raises:
-        ValueError: `rank` is below an adapter's current rank (the path is named).
-        TypeError: `lora` holds something other than `LoraWeights`, or `rank` is not an int.
+        ValueError: `rank` is below an adapter's current rank or above its kernel's largest
+            rank, or `scale` is zero (the path is named).
+        TypeError: `lora` holds stacked adapters or something other than `LoraWeights`,
+            `rank` is not an int, or `scale` is not a finite number.
 
     Example:
         >>> import jax, jax.numpy as jnp, lora_jax as lj
         >>> params = {"params": {"fc": {"kernel": jnp.ones((8, 6))}}}
         >>> config = lj.LoraConfig(rank=2, alpha=4.0, targets=".*/kernel")
         >>> _, lora = lj.split(params, config, key=jax.random.key(0))
-        >>> lj.pad_rank(lora, 4, config)["params"]["fc"]["kernel"].a.shape
-        (8, 4)
+        >>> w = lj.multi.pad_rank(lora, 4)["params"]["fc"]["kernel"]
+        >>> w.a.shape, w.scale
+        ((8, 4), 2.0)
     """
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
         raise TypeError(f"`rank` must be an int; found {rank!r}.")
-    target = config if to_config is None else to_config
-    padded = {}
-    for path, w in flatten_lora(lora).items():
-        if rank < w.rank:
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"`scale` must be a finite number or None; found {scale!r}.")
+        if not math.isfinite(scale) or scale == 0:
+            raise ValueError(f"`scale` must be finite and non-zero; found {scale!r}.")
+        scale = float(scale)
+    padded = {path: _pad_one(path, w, int(rank), scale) for path, w in flatten_lora(lora).items()}
+    return nest(padded)
+
+
+_HINTS = {
+    "shapes": " Adapters of different ranks stack after lj.multi.pad_rank(lora, rank) "
+    "brings them to one rank.",
+    "dropout rates": " The rate lives on each adapter (LoraConfig.dropout at lj.split); "
+    "adapters stacked together share one rate per target.",
+    "residual norms": " Adapters made with init='pissa' on different residual bases "
+    "need different `frozen`; run them separately.",
+}
+
+
+def _difference(w: LoraWeights, w0: LoraWeights) -> tuple[str, Any, Any] | None:
+    """What makes two single adapters of one path unstackable, or None."""
+    shapes = lambda x: f"a={tuple(x.a.shape)}, b={tuple(x.b.shape)}"
+    for what, get in (
+        ("layouts", lambda x: x.layout),
+        ("shapes", shapes),
+        ("dropout rates", lambda x: x.dropout),
+        ("residual norms", lambda x: x.residual_norm),
+    ):
+        if get(w) != get(w0):
+            return what, get(w), get(w0)
+    return None
+
+
+def _check_same(flat: dict, first: dict, who: str, name: str, first_name: str) -> None:
+    """Raises a ValueError naming `who` and the path where `flat` cannot join `first`."""
+    for path in (p for p in first if p not in flat):
+        raise ValueError(f"{name} has no adapter for {path!r}, which {first_name} has.")
+    for path in (p for p in flat if p not in first):
+        raise ValueError(f"{name} has an adapter for {path!r}, which {first_name} lacks.")
+    for path, w in flat.items():
+        found = _difference(w, first[path])
+        if found is not None:
+            what, mine, theirs = found
             raise ValueError(
-                f"{path}: cannot pad to rank {rank}, the adapter already has rank {w.rank}. "
-                f"To lower a rank, use lj.combine_adapters([lora], [config], [1.0], "
-                f"combination_type='svd', rank={rank})."
+                f"{who} at {path!r}: their {what} differ, {mine} against {theirs} for "
+                f"{first_name}.{_HINTS.get(what, '')}"
             )
-        factor = config.scale_for(path, w.rank) / target.scale_for(path, rank)
-        padded[path] = _pad_one(w, int(rank), factor)
-    return _paths.nest(padded)
-
-
-def _stack_error(i: int, path: str, what: str, mine: Any, first: Any) -> ValueError:
-    hint = ""
-    if what == "shapes":
-        hint = (
-            " Adapters of different ranks stack after lj.pad_rank(lora, rank, config) "
-            "brings them to one rank."
-        )
-    return ValueError(
-        f"`loras[{i}]` cannot be stacked with `loras[0]` at {path!r}: its {what} are "
-        f"{mine}, `loras[0]`'s are {first}.{hint}"
-    )
-
-
-def _check_same(flats: list[dict[str, LoraWeights]]) -> None:
-    first = flats[0]
-    for i, flat in enumerate(flats[1:], start=1):
-        for path in (p for p in first if p not in flat):
-            raise ValueError(f"`loras[{i}]` has no adapter for {path!r}, which `loras[0]` has.")
-        for path in (p for p in flat if p not in first):
-            raise ValueError(f"`loras[{i}]` has an adapter for {path!r}, which `loras[0]` lacks.")
-        for path, w in flat.items():
-            w0 = first[path]
-            if w.layout != w0.layout:
-                raise _stack_error(i, path, "layouts", w.layout, w0.layout)
-            mine, theirs = (tuple(w.a.shape), tuple(w.b.shape)), (w0.a.shape, w0.b.shape)
-            if mine != (tuple(theirs[0]), tuple(theirs[1])):
-                fmt = lambda s: f"a={tuple(s[0])}, b={tuple(s[1])}"
-                raise _stack_error(i, path, "shapes", fmt(mine), fmt(theirs))
 
 
 def stack_adapters(loras: Sequence[Any]) -> dict[str, Any]:
-    """k adapters on one new axis, for `lora_apply_mixed`.
+    """k adapters on one new axis, for `lora_jax.multi.lora_apply_mixed`.
 
     Every ``a`` and ``b`` gets an adapter axis of size k right after its layout's stack
     axes: leading for a plain kernel (``a`` of shape ``(k, *in, r)``, ``b`` of shape
     ``(k, r, *out)``), second for a kernel scanned over layers (``(layers, k, *in, r)``),
-    so that `nn.scan` still slices the layer axis. The layouts are unchanged.
+    so that `nn.scan` still slices the layer axis. The layouts are unchanged, and each
+    stacked `LoraWeights` has ``scale`` = the tuple of the k adapters' scales: adapters of
+    different alphas (or rsLoRA) stack as they are.
 
     Args:
-        loras: adapters from `lora_jax.split` with the same targets, layouts and ranks,
-            all made with (or rescaled by `pad_rank` onto) one config.
+        loras: adapters with the same targets, layouts, ranks and dropout rates (and, for
+            PiSSA, the same residual base).
 
     Returns:
         A nested dict of `LoraWeights` with the adapter axis added; adapter i is entry i.
 
     Raises:
-        ValueError: `loras` is empty, or an adapter's targets, layouts or shapes (ranks)
-            differ from those of ``loras[0]`` (the adapter index and the path are named).
-        TypeError: an entry holds something other than `LoraWeights`.
+        ValueError: `loras` is empty, or an adapter's targets, layouts, shapes (ranks),
+            dropout rates or PiSSA residual norms differ from those of ``loras[0]`` (the
+            adapter index and the path are named).
+        TypeError: an entry holds stacked adapters or something other than `LoraWeights`.
 
     Example:
         >>> import jax, jax.numpy as jnp, lora_jax as lj
         >>> params = {"params": {"fc": {"kernel": jnp.ones((8, 6))}}}
-        >>> config = lj.LoraConfig(rank=2, targets=".*/kernel")
-        >>> loras = [lj.split(params, config, key=jax.random.key(i))[1] for i in range(3)]
-        >>> lj.stack_adapters(loras)["params"]["fc"]["kernel"].a.shape
-        (3, 8, 2)
+        >>> make = lambda alpha: lj.LoraConfig(rank=2, alpha=alpha, targets=".*/kernel")
+        >>> loras = [lj.split(params, make(a), key=jax.random.key(0))[1] for a in (2.0, 8.0)]
+        >>> w = lj.multi.stack_adapters(loras)["params"]["fc"]["kernel"]
+        >>> w.a.shape, w.scale
+        ((2, 8, 2), (1.0, 4.0))
     """
-    if len(loras) == 0:
-        raise ValueError("`loras` is empty; stack at least one adapter.")
-    flats = flatten_loras(loras)
-    _check_same(flats)
+    flats, _ = weighted_adapters(loras, None)
+    for i, flat in enumerate(flats[1:], start=1):
+        who = f"`loras[{i}]` cannot be stacked with `loras[0]`"
+        _check_same(flat, flats[0], who, f"`loras[{i}]`", "`loras[0]`")
     stacked = {}
     for path, w0 in flats[0].items():
         axis = len(w0.layout.stack_axes)
         a = jnp.stack([flat[path].a for flat in flats], axis=axis)
         b = jnp.stack([flat[path].b for flat in flats], axis=axis)
-        stacked[path] = LoraWeights(a, b, w0.layout)
-    return _paths.nest(stacked)
+        scales = tuple(cast(float, flat[path].scale) for flat in flats)
+        stacked[path] = dataclasses.replace(w0, a=a, b=b, scale=scales)
+    return nest(stacked)
+
+
+def _stacked(stacked: Any, i: Any) -> tuple[dict[str, LoraWeights], int]:
+    """The flat stacked adapters and the index, checked against the number k stacked."""
+    flat = flatten_lora(stacked)
+    counts: dict[int, str] = {}
+    for path, w in flat.items():
+        n_stack = len(w.layout.stack_axes)
+        if not isinstance(w.scale, tuple) or w.a.shape[n_stack] != len(w.scale):
+            raise ValueError(
+                f"{path}: `stacked` must come from lj.multi.stack_adapters (a scale per "
+                f"adapter and an adapter axis after the {n_stack} stack axes); found scale "
+                f"{w.scale!r} and a of shape {tuple(w.a.shape)}."
+            )
+        counts.setdefault(len(w.scale), path)
+    if len(counts) > 1:
+        raise ValueError(f"`stacked` mixes different numbers of adapters: {counts}.")
+    if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+        raise TypeError(f"`i` must be an int; found {i!r}.")
+    k, i = next(iter(counts), 0), int(i)
+    if not 0 <= i < k:
+        raise IndexError(f"`i` is {i}, but `stacked` holds {k} adapters: i must be in 0..{k - 1}.")
+    return flat, i
+
+
+def _entry(w: LoraWeights, i: int) -> tuple:
+    return (slice(None),) * len(w.layout.stack_axes) + (i,)
+
+
+def _unstack_flat(flat: dict[str, LoraWeights], i: int) -> dict[str, LoraWeights]:
+    return {
+        p: dataclasses.replace(w, a=w.a[_entry(w, i)], b=w.b[_entry(w, i)], scale=w.scale[i])  # type: ignore[index]
+        for p, w in flat.items()
+    }
+
+
+def unstack_adapter(stacked: Any, i: int) -> dict[str, Any]:
+    """Adapter `i` of a `stack_adapters` result, with its own scale.
+
+    Args:
+        stacked: adapters from `lora_jax.multi.stack_adapters`.
+        i: which adapter, ``0 <= i < k``.
+
+    Returns:
+        A nested dict of `LoraWeights`, bit for bit the i-th adapter that was stacked.
+
+    Raises:
+        IndexError: `i` is negative or not below the number k of stacked adapters.
+        ValueError: `stacked` does not hold stacked adapters (the path is named).
+        TypeError: `i` is not an int, or `stacked` holds something other than `LoraWeights`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lora_jax as lj
+        >>> params = {"params": {"fc": {"kernel": jnp.ones((8, 6))}}}
+        >>> make = lambda alpha: lj.LoraConfig(rank=2, alpha=alpha, targets=".*/kernel")
+        >>> loras = [lj.split(params, make(a), key=jax.random.key(0))[1] for a in (2.0, 8.0)]
+        >>> stacked = lj.multi.stack_adapters(loras)
+        >>> w = lj.multi.unstack_adapter(stacked, 1)["params"]["fc"]["kernel"]
+        >>> w.a.shape, w.scale
+        ((8, 2), 4.0)
+    """
+    flat, i = _stacked(stacked, i)
+    return nest(_unstack_flat(flat, i))
+
+
+def replace_adapter(stacked: Any, i: int, lora: Any) -> dict[str, Any]:
+    """`stacked` with adapter `i` replaced by `lora` (its factors and its scale).
+
+    Args:
+        stacked: adapters from `lora_jax.multi.stack_adapters`.
+        i: which adapter to replace, ``0 <= i < k``.
+        lora: the new adapter: the same targets, layouts, shapes (ranks) and dropout rates
+            as the stacked ones.
+
+    Returns:
+        A new nested dict of stacked `LoraWeights`; `stacked` is not modified.
+
+    Raises:
+        IndexError: `i` is negative or not below the number k of stacked adapters.
+        ValueError: `stacked` does not hold stacked adapters, or `lora` does not fit it
+            (the path is named).
+        TypeError: `i` is not an int, or `lora` holds stacked adapters or something other
+            than `LoraWeights`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lora_jax as lj
+        >>> params = {"params": {"fc": {"kernel": jnp.ones((8, 6))}}}
+        >>> make = lambda alpha: lj.LoraConfig(rank=2, alpha=alpha, targets=".*/kernel")
+        >>> loras = [lj.split(params, make(a), key=jax.random.key(0))[1] for a in (2.0, 8.0)]
+        >>> stacked = lj.multi.stack_adapters([loras[0], loras[0]])
+        >>> lj.multi.replace_adapter(stacked, 1, loras[1])["params"]["fc"]["kernel"].scale
+        (1.0, 4.0)
+    """
+    flat, i = _stacked(stacked, i)
+    new = flatten_lora(lora)
+    for path, w in new.items():
+        if isinstance(w.scale, tuple):
+            raise TypeError(f"`lora` at {path!r} stacks {len(w.scale)} adapters; give one.")
+    who = f"`lora` cannot replace adapter {i} of `stacked`"
+    _check_same(new, _unstack_flat(flat, i), who, "`lora`", "`stacked`")
+    out = {}
+    for path, w in flat.items():
+        entry, one = _entry(w, i), new[path]
+        mine = cast(tuple, w.scale)
+        scales = tuple(cast(float, one.scale) if j == i else s for j, s in enumerate(mine))
+        out[path] = dataclasses.replace(
+            w, a=w.a.at[entry].set(one.a), b=w.b.at[entry].set(one.b), scale=scales
+        )
+    return nest(out)
