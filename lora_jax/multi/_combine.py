@@ -3,7 +3,10 @@
 
 Adapter i with weight w_i and its own scale s_i stands for the update ``w_i·s_i·a_i@b_i``;
 the intended combination is the sum of those updates. The result carries scale 1.0: its
-factors hold the whole update.
+factors hold the whole update. ``"cat"`` gives that sum exactly and ``"svd"`` its best
+low-rank approximation; ``"linear"`` is PEFT's formula kept unchanged (the same inputs give
+the same adapter in both libraries), which adds cross terms ``a_i@b_j``: prefer ``"cat"`` or
+``"svd"`` unless PEFT parity is the point.
 """
 
 from __future__ import annotations
