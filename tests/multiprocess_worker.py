@@ -32,18 +32,26 @@ def main() -> None:
     half = lambda b: {k: v[pid * len(v) // 2 : (pid + 1) * len(v) // 2] for k, v in b.items()}
 
     frozen, state = start()
-    step = lj.make_train_step(loss_fn, optimizer(), strategy="pmap")
-    state, rep = lj.replicate(state), lj.replicate(frozen)
+    pmap = lj.parallel.pmap()
+    step = lj.make_train_step(loss_fn, optimizer(), strategy=pmap)
+    state, rep = pmap.place_state(state, frozen), pmap.place_frozen(frozen)
     for b in data:
-        state, _ = step(state, rep, lj.shard_batch(half(b)))
-    flat = jax.tree_util.tree_flatten_with_path(to_numpy(lj.unreplicate(state).lora))[0]
+        state, _ = step(state, rep, pmap.place_batch(half(b)))
+    flat = jax.tree_util.tree_flatten_with_path(to_numpy(pmap.gather(state).lora))[0]
     np.savez(f"{out}/pmap_{pid}.npz", **{jax.tree_util.keystr(k): v for k, v in flat})
 
     frozen, state = start()
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))
-    step = lj.make_train_step(loss_fn, optimizer(), strategy="mesh", mesh=mesh, fsdp_axis="fsdp")
-    for b in data:
+    mesh = lj.parallel.mesh(
+        Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp")), fsdp_axis="fsdp"
+    )
+    step = lj.make_train_step(loss_fn, optimizer(), strategy=mesh)
+    for b in data:  # plain arrays: the mesh step places them
         state, _ = step(state, frozen, half(b))
+    gathered = mesh.gather(state.lora)  # a collective for sharded leaves: both processes call it
+    for got, want in zip(
+        jax.tree.leaves(gathered), jax.tree.leaves(to_numpy(state.lora)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(got), want)
     flat = jax.tree_util.tree_flatten_with_path(to_numpy(state.lora))[0]
     np.savez(f"{out}/mesh_{pid}.npz", **{jax.tree_util.keystr(k): v for k, v in flat})
     jax.distributed.shutdown()

@@ -18,7 +18,7 @@ import lora_jax as lj
 IN, HIDDEN, OUT, BATCH = 32, 128, 32, 16
 CONFIG = lj.LoraConfig(rank=4, alpha=8.0, targets=".*/kernel")
 MODEL = Mlp(hidden=HIDDEN, out=OUT)
-APPLY = lj.lora_apply(MODEL.apply, CONFIG)
+APPLY = lj.lora_apply(MODEL.apply)
 
 
 def base() -> dict:
@@ -61,24 +61,34 @@ def start(seed: int = 2):
     return frozen, lj.TrainState.create(lora, optimizer(), key=jax.random.key(seed + 1))
 
 
-def run_strategy(loss, frozen, state, strategy: str, data, fsdp: bool = False, **kw):
-    """Trains `state` on `data` with one of the step strategies (4 devices for pmap/mesh;
-    with `fsdp` a 2x2 data x fsdp mesh). Returns the final state and metrics."""
-    tx = optimizer()
-    if strategy == "pmap":
-        step = lj.make_train_step(loss, tx, strategy="pmap", **kw)
-        state, frozen = lj.replicate(state), lj.replicate(frozen)
-        for b in data:
-            state, metrics = step(state, frozen, lj.shard_batch(b))
-        return lj.unreplicate(state), metrics
-    if strategy == "mesh":
+def strategy_named(name: str, fsdp: bool = False) -> lj.parallel.Strategy:
+    """The strategy a test names: ``"jit"``, ``"pmap"`` (4 devices) or ``"mesh"`` (4 devices
+    on ``("data",)``, or with `fsdp` a 2x2 ``("data", "fsdp")`` mesh)."""
+    if name == "pmap":
+        return lj.parallel.pmap(jax.devices()[:4])
+    if name == "mesh":
         shape, names = ((2, 2), ("data", "fsdp")) if fsdp else ((4,), ("data",))
         mesh = Mesh(np.array(jax.devices()[:4]).reshape(shape), names)
-        kw.update(mesh=mesh, fsdp_axis="fsdp" if fsdp else None)
-    step = lj.make_train_step(loss, tx, strategy=strategy, **kw)
+        return lj.parallel.mesh(mesh, fsdp_axis="fsdp" if fsdp else None)
+    return lj.parallel.jit()
+
+
+def run_strategy(
+    loss, frozen, state, strategy: str, data, fsdp: bool = False, place: bool = True, **kw
+):
+    """Trains `state` on `data` with one of the step strategies (see `strategy_named`),
+    placing everything through the strategy itself (with ``place=False`` the arrays go in
+    as they are: the mesh step places them). Returns the final state (one copy; for mesh
+    the placed state, to check its shardings) and the last metrics (one value each)."""
+    chosen = strategy_named(strategy, fsdp)
+    step = lj.make_train_step(loss, optimizer(), strategy=chosen, **kw)
+    if place:
+        state, frozen = chosen.place_state(state, frozen), chosen.place_frozen(frozen)
     for b in data:
-        state, metrics = step(state, frozen, b)
-    return state, metrics
+        state, metrics = step(state, frozen, chosen.place_batch(b) if place else b)
+    if strategy == "mesh":
+        return state, chosen.metrics(metrics)
+    return chosen.gather(state), chosen.metrics(metrics)
 
 
 def assert_close(got, want, rtol=1e-5):
@@ -107,10 +117,10 @@ def train_counting(loss, frozen, state, data):
     return state, losses, len(traces)
 
 
-def train_masked(loss, frozen, lora, data):
-    """Trains one combined ``{"frozen", "lora"}`` tree with `lj.masked` (for users who keep
-    one tree). Returns the trained tree and the optimizer state's element count."""
-    tx = lj.masked(optimizer(), CONFIG)
+def train_adapters_only(loss, frozen, lora, data):
+    """Trains one combined ``{"frozen", "lora"}`` tree with `lj.optim.adapters_only` (for
+    users who keep one tree). Returns the trained tree and the optimizer state's size."""
+    tx = lj.optim.adapters_only(optimizer())
     params = {"frozen": frozen, "lora": lora}
     opt_state = tx.init(params)
     size = sum(x.size for x in jax.tree.leaves(opt_state))

@@ -12,7 +12,6 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 from nnx_models import NnxMlp, load_linen, lora_from_linen
 from problem import (
-    CONFIG,
     HIDDEN,
     IN,
     OUT,
@@ -22,8 +21,8 @@ from problem import (
     optimizer,
     run_strategy,
     start,
+    train_adapters_only,
     train_counting,
-    train_masked,
 )
 
 import lora_jax as lj
@@ -36,7 +35,7 @@ def _model() -> NnxMlp:
 
 
 GRAPHDEF, _ = nnx.split(_model())
-APPLY = lj.lora_apply(GRAPHDEF, CONFIG)
+APPLY = lj.lora_apply(GRAPHDEF)
 
 
 def nnx_loss(frozen, lora, batch, key):
@@ -84,8 +83,8 @@ def test_strategies_train_the_same_nnx_adapters(reference, strategy, fsdp):
 def test_in_place_training_with_nnx_optimizer(reference):
     data, ref = reference
     model, _, state = _start()
-    lj.add_lora(model, CONFIG, lora=state.lora)
-    kernels = jax.tree.map(np.array, lj.lora_state(model)[0])
+    lj.nnx.add_lora(model, lora=state.lora)
+    kernels = jax.tree.map(np.array, lj.nnx.lora_state(model)[0])
     opt = nnx.Optimizer(model, optimizer(), wrt=nnx.LoRAParam)
     traces = []
 
@@ -103,7 +102,7 @@ def test_in_place_training_with_nnx_optimizer(reference):
     for b in data:
         step(model, opt, b)
     assert len(traces) == 1
-    frozen, lora = lj.lora_state(model)
+    frozen, lora = lj.nnx.lora_state(model)
     assert_close(lora, ref.lora)
     for got, want in zip(jax.tree.leaves(frozen), jax.tree.leaves(kernels), strict=True):
         np.testing.assert_array_equal(np.asarray(got), want)  # the base, bit for bit
@@ -126,7 +125,7 @@ def test_checkpoints_resume_and_adapter_files(tmp_path):
     straight = state
     for b in data:
         straight, _ = step(straight, frozen, b)
-    with lj.CheckpointManager(tmp_path / "ckpt", CONFIG) as mgr:
+    with lj.CheckpointManager(tmp_path / "ckpt") as mgr:
         for b in data[:2]:
             state, _ = step(state, frozen, b)
         mgr.save(2, state)
@@ -140,11 +139,11 @@ def test_checkpoints_resume_and_adapter_files(tmp_path):
         with pytest.raises(ValueError, match=r"fc1/kernel: expected shape \(32, 128\), found"):
             mgr.restore(_start()[2], frozen=small)
     # in place: save the model's adapters, load them onto a fresh model
-    model = lj.add_lora(_model(), CONFIG, lora=straight.lora)
-    lj.save_adapter(tmp_path / "adapter", lj.lora_state(model)[1], CONFIG)
+    model = lj.nnx.add_lora(_model(), lora=straight.lora)
+    lj.save_adapter(tmp_path / "adapter", lj.nnx.lora_state(model)[1])
     fresh = _model()
-    lora, config = lj.load_adapter(tmp_path / "adapter", nnx.state(fresh))
-    lj.add_lora(fresh, config, lora=lora)
+    lora = lj.load_adapter(tmp_path / "adapter", frozen=nnx.state(fresh))
+    lj.nnx.add_lora(fresh, lora=lora)
     x = data[0]["x"]
     np.testing.assert_array_equal(np.asarray(fresh(x)), np.asarray(model(x)))
     np.testing.assert_array_equal(
@@ -154,13 +153,18 @@ def test_checkpoints_resume_and_adapter_files(tmp_path):
         ValueError,
         match=r"(?s)different base.*fc1/kernel: expected shape \(32, 128\), found \(32, 8\)",
     ):
-        lj.load_adapter(tmp_path / "adapter", nnx.state(NnxMlp(IN, 8, OUT, rngs=nnx.Rngs(0))))
+        lj.load_adapter(
+            tmp_path / "adapter", frozen=nnx.state(NnxMlp(IN, 8, OUT, rngs=nnx.Rngs(0)))
+        )
 
 
-def test_optax_mask_on_a_combined_nnx_tree(reference):
-    """For users who keep one tree: `lj.masked` keeps optimizer state for adapters only."""
+def test_adapters_only_on_a_combined_nnx_tree(reference):
+    """For users who keep one tree: `lj.optim.adapters_only` keeps optimizer state for the
+    adapters only, and leaves the base bit-identical."""
     data, ref = reference
     _, frozen, state = _start()
-    params, opt_size = train_masked(nnx_loss, frozen, state.lora, data)
+    params, opt_size = train_adapters_only(nnx_loss, frozen, state.lora, data)
     assert opt_size == 2 * sum(x.size for x in jax.tree.leaves(state.lora)) + 1
     assert_close(params["lora"], ref.lora)
+    for got, want in zip(jax.tree.leaves(params["frozen"]), jax.tree.leaves(frozen), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

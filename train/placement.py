@@ -1,98 +1,37 @@
-"""Where a LoRA run's arrays live for each strategy (jit, pmap, mesh), in one place.
+"""The app's strategy: ``--strategy jit|pmap|mesh`` becomes a `lj.parallel.Strategy` once.
 
-`Placement` turns host trees into what `lj.make_train_step` expects for its strategy and
-back: the state and base replicated for pmap, placed on a ``("data",)`` mesh for mesh, and
-the batch sharded over devices (and, across processes, each process's own slice).
+`make_strategy` checks the devices and the batch size for the chosen strategy and returns
+the library's own strategy value; the training loop then asks it to place the state, base
+and batches and to gather results (`Strategy.place_state`, `place_frozen`, `place_batch`,
+`gather`, `metrics`), so nothing in the app switches on the strategy's name again.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 import lora_jax as lj
 from train.settings import Settings, UserError
 
-__all__ = ["Placement", "make_placement"]
+__all__ = ["make_strategy", "restore_target"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """How to place trees for one strategy.
+def make_strategy(s: Settings) -> lj.parallel.Strategy:
+    """The `lj.parallel.Strategy` for `s.strategy`, after checking devices and batch size.
 
-    Attributes:
-        strategy: ``"jit"``, ``"pmap"`` or ``"mesh"``.
-        devices: the devices the step runs on.
-        mesh: the mesh (for ``"mesh"``).
-    """
-
-    strategy: str
-    devices: tuple[jax.Device, ...]
-    mesh: Mesh | None = None
-
-    def state(self, state: lj.TrainState) -> Any:
-        """The state as the step takes it: pmap replicated per device; mesh placed
-        (replicated) on the mesh, so checkpoints save and restore it as global arrays."""
-        if self.strategy == "pmap":
-            return lj.replicate(state, self.devices)
-        if self.strategy == "mesh" and self.mesh is not None:
-            everywhere = NamedSharding(self.mesh, PartitionSpec())
-            return lj.place(state, jax.tree.map(lambda _: everywhere, state))
-        return state
-
-    def frozen(self, frozen: Any, lora: Any) -> Any:
-        """The base as the step takes it, placed once (never copied again per step)."""
-        if self.strategy == "pmap":
-            return lj.replicate(frozen, self.devices)
-        if self.strategy == "mesh" and self.mesh is not None:
-            return lj.place(frozen, lj.mesh_shardings(self.mesh, frozen, lora).frozen)
-        return jax.device_put(frozen, self.devices[0])
-
-    def batch(self, batch: Any) -> Any:
-        """This process's batch as the step takes it (pmap: split over local devices)."""
-        return lj.shard_batch(batch, len(self.devices)) if self.strategy == "pmap" else batch
-
-    def restore_target(self, state: lj.TrainState) -> lj.TrainState:
-        """Where a restored state should land: on the mesh for mesh, else as it is."""
-        return self.state(state) if self.strategy == "mesh" else state
-
-    def checkpoint_state(self, state: Any) -> lj.TrainState:
-        """The state to checkpoint: one copy for pmap, the global arrays for mesh."""
-        return lj.unreplicate(state) if self.strategy == "pmap" else state
-
-    def host_lora(self, state: Any) -> Any:
-        """The adapters as NumPy arrays on this process (they are replicated)."""
-        lora = lj.unreplicate(state).lora if self.strategy == "pmap" else state.lora
-        return jax.tree.map(_local_copy, lora)
-
-    def metrics(self, metrics: Any) -> Any:
-        """Metrics as one value each (pmap returns one per device, all equal)."""
-        return jax.tree.map(lambda x: x[0], metrics) if self.strategy == "pmap" else metrics
-
-    def eval_params(self, frozen_host: Any, frozen_placed: Any) -> Any:
-        """The base to evaluate with (a single-device or fully replicated copy)."""
-        return frozen_placed if self.strategy == "mesh" else frozen_host
-
-
-def _local_copy(x: Any) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(x.addressable_data(0))  # replicated: every process has it all
-    return np.asarray(x)
-
-
-def make_placement(s: Settings) -> Placement:
-    """Chooses the devices for `s.strategy` and checks `s.devices` and the batch size.
+    ``jit`` runs on one device; ``pmap`` on every local device; ``mesh`` on a ``("data",)``
+    mesh of ``--devices`` devices per process (all of them by default).
 
     Args:
         s: the run settings (``strategy``, ``devices``, ``batch_size``, ``accum_steps``,
             ``num_processes``).
 
     Returns:
-        The `Placement`.
+        The strategy.
 
     Raises:
         UserError: too few devices, a device count the batch does not divide, or jit
@@ -100,8 +39,8 @@ def make_placement(s: Settings) -> Placement:
 
     Example:
         >>> from train.settings import Settings
-        >>> make_placement(Settings(strategy="jit")).strategy
-        'jit'
+        >>> make_strategy(Settings(strategy="jit")).axis_name is None
+        True
     """
     local = jax.local_devices()
     if s.strategy == "jit":
@@ -110,7 +49,7 @@ def make_placement(s: Settings) -> Placement:
                 "--strategy jit runs on one device of one process; use --strategy pmap or "
                 "mesh for several devices or processes."
             )
-        return Placement("jit", (local[0],))
+        return lj.parallel.jit()
     if s.strategy == "pmap":
         if jax.process_count() > 1:
             raise UserError(
@@ -123,18 +62,32 @@ def make_placement(s: Settings) -> Placement:
                 f"--strategy pmap uses every local device: this process has {len(local)}, "
                 f"--devices asks for {n}. Start a new process with --devices {n}."
             )
-        devices = tuple(local)
-        per_device = s.batch_size // jax.process_count()
-        _check_divides(per_device, n * s.accum_steps, "local devices x --accum-steps", s)
-        return Placement("pmap", devices)
+        _check_divides(s.batch_size, n * s.accum_steps, "local devices x --accum-steps", s)
+        return lj.parallel.pmap(local)
     every = jax.devices()
     n = s.devices * jax.process_count() if s.devices else len(every)
     if n > len(every):
         raise UserError(f"--devices {s.devices}: only {len(every)} devices are available.")
-    devices = tuple(every[:n]) if jax.process_count() == 1 else tuple(every)
+    devices = every[:n] if jax.process_count() == 1 else every
     _check_divides(s.batch_size, len(devices) * s.accum_steps, "devices x --accum-steps", s)
-    mesh = Mesh(np.asarray(devices), ("data",))
-    return Placement("mesh", devices, mesh)
+    return lj.parallel.mesh(Mesh(np.asarray(devices), ("data",)))
+
+
+def restore_target(strategy: lj.parallel.Strategy, state: lj.TrainState, frozen: Any) -> Any:
+    """The state a checkpoint is restored into: placed as the step takes it (so a mesh run
+    restores global arrays), unless placing adds a device axis (pmap keeps one replica per
+    device, a checkpoint holds one copy), then the state as it is.
+
+    Args:
+        strategy: the run's strategy.
+        state: a fresh state (structure, dtypes).
+        frozen: the base (the adapters are placed like their kernels).
+
+    Returns:
+        The restore target.
+    """
+    placed = strategy.place_state(state, frozen)
+    return placed if np.ndim(placed.step) == np.ndim(state.step) else state
 
 
 def _check_divides(batch: int, ways: int, what: str, s: Settings) -> None:

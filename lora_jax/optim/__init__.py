@@ -1,10 +1,10 @@
-"""Optax pieces for adapters.
+"""Optax pieces for adapters: `adapters_only(tx)`, `adapter_mask(tree)`, `loraplus(ratio)`.
 
-    >>> import lora_jax as lj
-    >>> "loraplus" in lj.optim.__all__
-    True
+>>> import lora_jax as lj
+>>> sorted(lj.optim.__all__)
+['adapter_mask', 'adapters_only', 'loraplus']
 """
 
-from lora_jax.optim._transforms import lora_mask, loraplus, masked
+from lora_jax.optim._transforms import adapter_mask, adapters_only, loraplus
 
-__all__ = ["lora_mask", "loraplus", "masked"]
+__all__ = ["adapter_mask", "adapters_only", "loraplus"]

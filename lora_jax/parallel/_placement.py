@@ -1,34 +1,34 @@
-"""Placing a LoRA training state on devices: pmap replicas, and mesh shardings.
+"""Placing trees on devices, and reading them back.
 
 - pmap (classic data parallel): `replicate` / `unreplicate` the state and the frozen base,
   `shard_batch` splits a batch across the local devices.
-- mesh (`jax.jit` with `NamedSharding`): `mesh_shardings` gives the batch a data-parallel
-  sharding, the frozen base either replicated or sharded over an FSDP axis (largest
-  divisible dimension), and each adapter the sharding of its base weight's input/output
-  axes, with the rank axis replicated.
+- mesh: `place` puts a tree on its shardings (`lora_jax.parallel.mesh_shardings`), across
+  processes too; `assemble_batch` builds the global batch from each process's slice;
+  `local_copy` reads one whole copy back on this process.
+
+The strategies of `lora_jax.parallel` (`jit`, `pmap`, `mesh`) are built from these.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lora_jax.core import _paths
-from lora_jax.core._weights import LoraWeights, flatten_lora
+from lora_jax.core._paths import flatten
 
-__all__ = ["replicate", "unreplicate", "shard_batch", "MeshShardings", "mesh_shardings", "place"]
+__all__ = ["place", "replicate", "shard_batch", "unreplicate"]
 
-_is_lora = lambda x: isinstance(x, LoraWeights)
+DEVICE_AXIS = "devices"
 
 
-def _device_mesh(devices: Sequence[jax.Device]) -> Mesh:
-    return Mesh(np.asarray(devices), ("devices",))
+def _device_sharding(devices: Sequence[jax.Device]) -> NamedSharding:
+    return NamedSharding(Mesh(np.asarray(devices), (DEVICE_AXIS,)), PartitionSpec(DEVICE_AXIS))
 
 
 def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
@@ -43,11 +43,11 @@ def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
 
     Example:
         >>> import jax, jax.numpy as jnp, lora_jax as lj
-        >>> lj.replicate({"w": jnp.ones(3)})["w"].shape[1:]
+        >>> lj.parallel.replicate({"w": jnp.ones(3)})["w"].shape[1:]
         (3,)
     """
     devices = list(devices or jax.local_devices())
-    sharding = NamedSharding(_device_mesh(devices), PartitionSpec("devices"))
+    sharding = _device_sharding(devices)
 
     def put(x: Any) -> jax.Array:
         x = jnp.asarray(x)
@@ -72,14 +72,15 @@ def unreplicate(tree: Any) -> Any:
 
     Example:
         >>> import jax.numpy as jnp, lora_jax as lj
-        >>> w = lj.unreplicate(lj.replicate({"w": jnp.ones(3)}))["w"]
+        >>> w = lj.parallel.unreplicate(lj.parallel.replicate({"w": jnp.ones(3)}))["w"]
         >>> w.shape, len(w.devices())
         ((3,), 1)
     """
-    return jax.tree.map(_first_replica, tree)
+    return jax.tree.map(first_replica, tree)
 
 
-def _first_replica(x: Any) -> Any:
+def first_replica(x: Any) -> Any:
+    """The first local device's slice of a replicated leaf, as a single-device array."""
     if not isinstance(x, jax.Array):
         return x[0]
     shard = x.addressable_data(0)
@@ -102,13 +103,18 @@ def shard_batch(batch: Any, num_devices: int | None = None) -> Any:
     Example:
         >>> import jax, jax.numpy as jnp, lora_jax as lj
         >>> n = jax.local_device_count()
-        >>> lj.shard_batch(jnp.zeros((2 * n, 5))).shape == (n, 2, 5)
+        >>> lj.parallel.shard_batch(jnp.zeros((2 * n, 5))).shape == (n, 2, 5)
         True
     """
     n = num_devices or jax.local_device_count()
+    return split_over(batch, jax.local_devices()[:n])
+
+
+def split_over(batch: Any, devices: Sequence[jax.Device]) -> Any:
+    """`shard_batch` onto the given devices (one slice each, in order)."""
+    n = len(devices)
     check_divisible(batch, n, f"{n} devices; use a batch size that is a multiple of {n}")
-    devices = jax.local_devices()[:n]
-    sharding = NamedSharding(_device_mesh(devices), PartitionSpec("devices"))
+    sharding = _device_sharding(devices)
     return jax.tree.map(
         lambda x: jax.device_put(jnp.reshape(x, (n, -1, *np.shape(x)[1:])), sharding), batch
     )
@@ -116,7 +122,7 @@ def shard_batch(batch: Any, num_devices: int | None = None) -> Any:
 
 def check_divisible(batch: Any, n: int, why: str) -> None:
     """A ValueError naming the leaf when a batch's leading size is not a multiple of `n`."""
-    for path, x in _paths.flatten(batch).items():
+    for path, x in flatten(batch).items():
         size = np.shape(x)[0] if np.ndim(x) else None
         if size is None or size % n:
             raise ValueError(
@@ -125,146 +131,9 @@ def check_divisible(batch: Any, n: int, why: str) -> None:
             )
 
 
-class MeshShardings(NamedTuple):
-    """Shardings of a LoRA training run on a mesh (pytrees of `NamedSharding`).
-
-    Attributes:
-        frozen: for the frozen base.
-        lora: for the adapters (each follows its base weight; rank axis replicated).
-        batch: for a batch leaf (leading axis over the data axes).
-        replicated: for scalars and everything small.
-
-    Example:
-        >>> import jax, jax.numpy as jnp, lora_jax as lj
-        >>> from jax.sharding import Mesh
-        >>> mesh = Mesh(jax.devices()[:1], ("data",))
-        >>> params = {"w": jnp.ones((4, 3))}
-        >>> config = lj.LoraConfig(rank=2, targets="w")
-        >>> frozen, lora = lj.split(params, config, key=jax.random.key(0))
-        >>> lj.mesh_shardings(mesh, frozen, lora).lora["w"].b.spec
-        P(None, None)
-    """
-
-    frozen: Any
-    lora: Any
-    batch: NamedSharding
-    replicated: NamedSharding
-
-
-def _fsdp_spec(shape: tuple[int, ...], size: int, axis: str, min_size: int) -> PartitionSpec:
-    """Shards the largest dimension divisible by `size`; small or indivisible leaves stay whole."""
-    if int(np.prod(shape)) < min_size:
-        return PartitionSpec()
-    candidates = [i for i, d in enumerate(shape) if d % size == 0]
-    if not candidates:
-        return PartitionSpec()
-    best = max(candidates, key=lambda i: shape[i])
-    return PartitionSpec(*(axis if i == best else None for i in range(len(shape))))
-
-
-def _adapter_specs(spec: PartitionSpec, w: LoraWeights) -> tuple[PartitionSpec, PartitionSpec]:
-    """Moves a kernel's sharded axes onto a (stack, in, r) and b (stack, r, out)."""
-    full = tuple(spec) + (None,) * (w.layout.ndim - len(spec))
-    lay = w.layout
-    stack = tuple(full[i] for i in lay.stack_axes)
-    a = (*stack, *(full[i] for i in lay.in_axes), None)
-    b = (*stack, None, *(full[i] for i in lay.out_axes))
-    return PartitionSpec(*a), PartitionSpec(*b)
-
-
-def mesh_shardings(
-    mesh: Mesh,
-    frozen: Any,
-    lora: Any,
-    *,
-    data_axis: str | tuple[str, ...] = "data",
-    fsdp_axis: str | None = None,
-    fsdp_min_size: int = 2**12,
-) -> MeshShardings:
-    """Shardings for the frozen base, the adapters and the batch on `mesh`.
-
-    Args:
-        mesh: a `jax.sharding.Mesh`.
-        frozen: the frozen base (arrays or `jax.ShapeDtypeStruct`).
-        lora: the adapters.
-        data_axis: mesh axis (or axes) the batch is split over.
-        fsdp_axis: mesh axis to shard the base over (largest divisible dimension of each
-            leaf of at least `fsdp_min_size` elements); None keeps the base replicated. The
-            batch is split over this axis too.
-        fsdp_min_size: leaves smaller than this stay replicated.
-
-    Returns:
-        A `MeshShardings`.
-
-    Raises:
-        ValueError: an axis is not in the mesh.
-
-    Example:
-        >>> import jax, jax.numpy as jnp, lora_jax as lj
-        >>> from jax.sharding import Mesh
-        >>> mesh = Mesh(jax.devices()[:1], ("data",))
-        >>> params = {"params": {"fc": {"kernel": jnp.ones((4, 3))}}}
-        >>> config = lj.LoraConfig(rank=2, targets=".*/kernel")
-        >>> frozen, lora = lj.split(params, config, key=jax.random.key(0))
-        >>> lj.mesh_shardings(mesh, frozen, lora).batch.spec
-        P('data',)
-    """
-    batch_axes = check_axes(mesh, data_axis, fsdp_axis)
-    named = lambda spec: NamedSharding(mesh, spec)
-    if fsdp_axis:
-        size = mesh.shape[fsdp_axis]
-        frozen_specs = jax.tree.map(
-            lambda x: _fsdp_spec(tuple(np.shape(x)), size, fsdp_axis, fsdp_min_size), frozen
-        )
-    else:
-        frozen_specs = jax.tree.map(lambda x: PartitionSpec(), frozen)
-    spec_by_path = _paths.flatten(frozen_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    lora_specs = {}
-    for path, w in flatten_lora(lora).items():
-        a, b = _adapter_specs(spec_by_path.get(path, PartitionSpec()), w)
-        lora_specs[path] = LoraWeights(named(a), named(b), w.layout)
-    return MeshShardings(
-        frozen=jax.tree.map(named, frozen_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
-        lora=jax.tree_util.tree_map_with_path(
-            lambda kp, w: lora_specs[_paths.path_str(kp)], lora, is_leaf=_is_lora
-        ),
-        batch=named(PartitionSpec(batch_axes if len(batch_axes) > 1 else batch_axes[0])),
-        replicated=named(PartitionSpec()),
-    )
-
-
-def opt_state_shardings(
-    optimizer: optax.GradientTransformation,
-    opt_state: Any,
-    lora_shardings: Any,
-    replicated: NamedSharding,
-) -> Any:
-    """Each parameter-shaped part of the optimizer state takes its adapter's sharding."""
-    return optax.tree_utils.tree_map_params(
-        optimizer,
-        lambda _, s: s,
-        opt_state,
-        lora_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
-
-
-def check_axes(
-    mesh: Mesh, data_axis: str | tuple[str, ...], fsdp_axis: str | None
-) -> tuple[str, ...]:
-    """The mesh axes a batch is split over; a ValueError for an axis the mesh lacks."""
-    data = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
-    axes = (*data, *((fsdp_axis,) if fsdp_axis else ()))
-    for name in axes:
-        if name not in mesh.axis_names:
-            raise ValueError(f"mesh has no axis {name!r}; its axes are {mesh.axis_names}.")
-    return axes
-
-
-def batch_ways(mesh: Mesh, data_axis: str | tuple[str, ...], fsdp_axis: str | None) -> int:
-    """Into how many shards the global batch is split."""
-    return int(np.prod([mesh.shape[a] for a in check_axes(mesh, data_axis, fsdp_axis)]))
+def signature(*trees: Any) -> tuple[Any, ...]:
+    """The structure and shapes of some trees: what decides whether a step compiles anew."""
+    return jax.tree.structure(trees), tuple(np.shape(x) for x in jax.tree.leaves(trees))
 
 
 def _place_leaf(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -283,9 +152,8 @@ def place(tree: Any, shardings: Any) -> Any:
     """Puts every leaf on its sharding; a no-op for leaves already there.
 
     Works under `jax.distributed` too: when the sharding spans processes, every process
-    passes the same host value and places its own shards. Place the frozen base once with
-    ``lj.place(frozen, lj.mesh_shardings(mesh, frozen, lora).frozen)`` and hand the placed
-    tree to every mesh step, so it is not copied again each step.
+    passes the same host value and places its own shards. The mesh strategy's
+    ``place_frozen`` does this for the frozen base (`lora_jax.parallel.mesh`).
 
     Args:
         tree: a pytree of arrays (host or device).
@@ -298,19 +166,33 @@ def place(tree: Any, shardings: Any) -> Any:
         >>> import jax, jax.numpy as jnp, lora_jax as lj
         >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         >>> mesh = Mesh(jax.devices()[:1], ("data",))
-        >>> placed = lj.place({"w": jnp.ones(4)}, {"w": NamedSharding(mesh, P())})
+        >>> placed = lj.parallel.place({"w": jnp.ones(4)}, {"w": NamedSharding(mesh, P())})
         >>> placed["w"].sharding.spec
         P()
     """
     return jax.tree.map(_place_leaf, tree, shardings)
 
 
-def place_batch(batch: Any, shardings: Any) -> Any:
-    """Assembles the global batch from each process's local slice."""
+def assemble_batch(batch: Any, sharding: NamedSharding) -> Any:
+    """The global batch on `sharding`, assembled from each process's local slice."""
 
-    def put(x: Any, sharding: NamedSharding) -> jax.Array:
+    def put(x: Any) -> jax.Array:
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
-    return jax.tree.map(put, batch, shardings)
+    return jax.tree.map(put, batch)
+
+
+def local_copy(x: Any, device: jax.Device) -> Any:
+    """The whole value of a placed leaf as an array on `device` (one of this process's):
+    a replicated leaf's own shard, or its shards gathered (across processes a collective:
+    every process calls it)."""
+    if not isinstance(x, jax.Array):
+        return x
+    if x.is_fully_replicated:
+        shard = x.addressable_data(0)
+        return shard if shard.devices() == {device} else jax.device_put(shard, device)
+    if not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_put(x, device)

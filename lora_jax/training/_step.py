@@ -1,4 +1,4 @@
-"""One LoRA training step, run jitted, pmapped, or mesh-sharded (one or many processes).
+"""One LoRA training step, run by any strategy of `lora_jax.parallel`.
 
 `make_train_step(loss_fn, optimizer, strategy=...)` builds ``step(state, frozen, batch)``.
 Gradients are taken with respect to ``state.lora`` only; the frozen base is an argument,
@@ -14,76 +14,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import struct
 from jax import lax
-from jax.sharding import Mesh
 
-from lora_jax.core import _paths
-from lora_jax.parallel import _placement as distributed
-from lora_jax.core._weights import check_fits, flatten_lora
+from lora_jax.core._paths import flatten
+from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora, is_concrete
+from lora_jax.parallel._placement import check_divisible, signature
+from lora_jax.parallel._strategies import Strategy, jit
+from lora_jax.training._state import TrainState
 
-__all__ = ["TrainState", "make_train_step", "STRATEGIES"]
-
-STRATEGIES = ("jit", "pmap", "mesh")
-_PMAP_AXIS = "devices"
-
-
-@struct.dataclass
-class TrainState:
-    """Everything that changes during training (the frozen base is not here).
-
-    Attributes:
-        step: number of steps taken (int32 scalar).
-        lora: the adapters.
-        opt_state: the optimizer state, for the adapters only.
-        rng: PRNG key; step ``t`` uses ``fold_in(rng, t)`` (plus the device index under pmap).
-        skipped: number of updates skipped for non-finite gradients.
-
-    Example:
-        >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
-        >>> config = lj.LoraConfig(rank=2, targets="w")
-        >>> _, lora = lj.split({"w": jnp.ones((4, 3))}, config, key=jax.random.key(0))
-        >>> state = lj.TrainState.create(lora, optax.adam(1e-3), key=jax.random.key(1))
-        >>> state.lora["w"].a.shape, int(state.skipped)
-        ((4, 2), 0)
-    """
-
-    step: jax.Array
-    lora: Any
-    opt_state: Any
-    rng: jax.Array
-    skipped: jax.Array
-
-    @classmethod
-    def create(
-        cls, lora: Any, optimizer: optax.GradientTransformation, *, key: jax.Array
-    ) -> TrainState:
-        """A fresh state: step 0, a copy of `lora`, and ``optimizer.init(lora)``.
-
-        Args:
-            lora: the adapters from `lora_jax.split`.
-            optimizer: any optax transformation; it sees only the adapters.
-            key: PRNG key for dropout and any randomness in the loss.
-
-        Returns:
-            A `TrainState`.
-
-        Example:
-            >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
-            >>> params = {"w": jnp.ones((4, 3))}
-            >>> config = lj.LoraConfig(rank=2, targets="w")
-            >>> frozen, lora = lj.split(params, config, key=jax.random.key(0))
-            >>> state = lj.TrainState.create(lora, optax.sgd(0.1), key=jax.random.key(1))
-            >>> int(state.step)
-            0
-        """
-        # Own copies (adapters are small): the step donates the state's buffers, and the
-        # caller's `lora` must stay usable. Two zero scalars: each buffer is donated once.
-        lora = jax.tree.map(jnp.array, lora)
-        zero = lambda: jnp.zeros((), jnp.int32)
-        return cls(step=zero(), lora=lora, opt_state=optimizer.init(lora), rng=key, skipped=zero())
+__all__ = ["TrainState", "make_train_step"]
 
 
 def _check_loss_fn(loss_fn: Callable[..., Any]) -> None:
@@ -100,6 +40,23 @@ def _check_loss_fn(loss_fn: Callable[..., Any]) -> None:
         ) from err
 
 
+def _check_strategy(strategy: Any) -> Strategy:
+    if strategy is None:
+        return jit()
+    if isinstance(strategy, Strategy):
+        return strategy
+    calls = {"jit": "jit()", "pmap": "pmap()", "mesh": "mesh(mesh, data_axis=..., fsdp_axis=...)"}
+    found = type(strategy).__name__
+    if isinstance(strategy, str):
+        found = f"the string {strategy!r}"
+        if strategy in calls:
+            found += f" (strategies are values: strategy=lj.parallel.{calls[strategy]})"
+    raise TypeError(
+        f"`strategy` must be a lj.parallel.Strategy: lj.parallel.jit(), lj.parallel.pmap() or "
+        f"lj.parallel.mesh(mesh, data_axis=..., fsdp_axis=...); found {found}."
+    )
+
+
 def _loss_and_grads(loss_fn, frozen, lora, batch, key, accum_steps):
     def loss_of(lora_, batch_, key_):
         out = loss_fn(frozen, lora_, batch_, key_)
@@ -112,7 +69,7 @@ def _loss_and_grads(loss_fn, frozen, lora, batch, key, accum_steps):
     if accum_steps == 1:
         (loss, aux), grads = grad_fn(lora, batch, key)
         return loss, aux, grads
-    distributed.check_divisible(batch, accum_steps, f"accum_steps={accum_steps}")
+    check_divisible(batch, accum_steps, f"accum_steps={accum_steps}")
     micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
 
     def body(acc, inputs):
@@ -128,7 +85,7 @@ def _loss_and_grads(loss_fn, frozen, lora, batch, key, accum_steps):
 
 def _update(state, frozen, batch, *, loss_fn, optimizer, accum_steps, skip_nonfinite, axis_name):
     # Shape checks run while tracing: once per compile, before it, never on the hot path.
-    check_fits(_paths.flatten(frozen), flatten_lora(state.lora))
+    check_fits(flatten(frozen), flatten_lora(state.lora))
     key = jax.random.fold_in(state.rng, state.step)
     if axis_name:
         key = jax.random.fold_in(key, lax.axis_index(axis_name))
@@ -155,39 +112,50 @@ def _check_type(state: Any) -> None:
         raise TypeError(f"`state` must be a lj.TrainState; found {type(state).__name__}.")
 
 
-def _check_leading(tree: Any, name: str, n: int, hint: str) -> None:
-    for path, x in _paths.flatten(tree).items():
-        lead = np.shape(x)[0] if np.ndim(x) else None
-        if lead != n:
-            raise ValueError(
-                f"{name} leaf {path or '<root>'!r} has leading axis {lead}; the pmap step needs "
-                f"{n} (one slice per local device). {hint}"
-            )
+def _residual_check(gather: Callable[[Any], Any]) -> Callable[[Any, Any, Any], None]:
+    """``check(state, frozen, batch)``: on the first call of each compiled signature, the
+    PiSSA adapters (`LoraWeights.residual_norm`) are checked against the concrete base
+    kernels (one copy, read with the strategy's `gather`), so the original weights given in
+    place of the residual base are caught. Kernels that are not concrete (a step called
+    inside another `jax.jit`) are skipped; runs without PiSSA adapters cost one tree
+    structure per call."""
+    pissa_of: dict[Any, dict[str, LoraWeights]] = {}
+    seen: set[Any] = set()
+
+    def check(state: Any, frozen: Any, batch: Any) -> None:
+        lora_def = jax.tree.structure(state.lora)
+        if lora_def not in pissa_of:
+            flat = flatten_lora(state.lora)
+            pissa_of[lora_def] = {p: w for p, w in flat.items() if w.residual_norm is not None}
+        pissa = pissa_of[lora_def]
+        if not pissa or (key := signature(state, frozen, batch)) in seen:
+            return
+        base = flatten(frozen)
+        adapters = {p: w for p, w in pissa.items() if p not in base or is_concrete(base[p])}
+        kernels = {p: base[p] for p in adapters if p in base}
+        check_fits(gather(kernels), gather(adapters))
+        seen.add(key)
+
+    return check
 
 
 def make_train_step(
     loss_fn: Callable[..., Any],
     optimizer: optax.GradientTransformation,
     *,
-    strategy: str = "jit",
-    mesh: Mesh | None = None,
-    data_axis: str | tuple[str, ...] = "data",
-    fsdp_axis: str | None = None,
+    strategy: Strategy | None = None,
     accum_steps: int = 1,
     skip_nonfinite: bool = False,
     donate: bool = True,
 ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, Any]]]:
-    """Builds ``step(state, frozen, batch) -> (state, metrics)`` for one of three strategies.
+    """Builds ``step(state, frozen, batch) -> (state, metrics)``, run by `strategy`.
 
-    - ``"jit"``: one device. Pass the state, base and batch as they are.
-    - ``"pmap"``: classic data parallel over the local devices; gradients and metrics are
-      averaged with `lax.pmean`. Pass ``lj.replicate(state)``, ``lj.replicate(frozen)`` and
-      ``lj.shard_batch(batch)``; metrics come back with a leading device axis.
-    - ``"mesh"``: `jax.jit` over `mesh` with `NamedSharding`: the batch split over
-      `data_axis` (and `fsdp_axis`), the base replicated or, with `fsdp_axis`, sharded over it,
-      each adapter sharded like its base weight (rank axis replicated). Pass plain arrays:
-      the step places them (each process passes its own slice of the global batch and the
-      same state and base), and returns the state already placed for the next call.
+    The strategy is a value from `lora_jax.parallel`: ``jit()`` (one device; the default),
+    ``pmap()`` (a replica per device, gradients averaged with `lax.pmean`; pass the state,
+    base and batch through its ``place_state`` / ``place_frozen`` / ``place_batch``; metrics
+    come back per device, ``strategy.metrics`` gives one value each) or
+    ``mesh(mesh, data_axis=..., fsdp_axis=...)`` (`NamedSharding` over a mesh; pass plain
+    arrays, the step places them and returns the state placed for the next call).
 
     Under `jax.distributed` every strategy works across processes unchanged. Buffers of the
     old state are donated (``donate=False`` keeps them). Metrics: ``loss``, ``grad_norm``,
@@ -199,11 +167,9 @@ def make_train_step(
         loss_fn: ``loss_fn(frozen, lora, batch, key)`` returning a scalar loss or
             ``(loss, aux)``; it is differentiated with respect to ``lora`` only. The loss
             is taken in float32 (so a bfloat16 base trains float32 adapters).
-        optimizer: any optax transformation over the lora tree (see also `loraplus`).
-        strategy: ``"jit"``, ``"pmap"`` or ``"mesh"``.
-        mesh: the `jax.sharding.Mesh`, for ``strategy="mesh"``.
-        data_axis: mesh axis (or axes) the batch is split over.
-        fsdp_axis: mesh axis the frozen base is sharded over; None replicates it.
+        optimizer: any optax transformation over the lora tree (see also
+            `lora_jax.optim.loraplus`).
+        strategy: a `lora_jax.parallel.Strategy`; None means ``lj.parallel.jit()``.
         accum_steps: split each (per-device) batch into this many micro-batches and
             average their gradients (`lax.scan`), for the memory of one micro-batch.
         skip_nonfinite: skip an update whose loss or gradients are not finite, and count it.
@@ -212,12 +178,14 @@ def make_train_step(
     Returns:
         The step function. It checks its inputs before any compile: a state that is not a
         `TrainState`, adapters that do not fit the base, a batch that does not divide
-        across devices or micro-batches each raise a ValueError/TypeError.
+        across devices or micro-batches each raise a ValueError/TypeError. The first call
+        of each compile also checks every PiSSA adapter against its concrete base kernel
+        (a ValueError when given the original weights instead of the residual base).
 
     Raises:
-        ValueError: unknown strategy, ``"mesh"`` without a mesh, a mesh without the named
-            axes, or `accum_steps` < 1.
-        TypeError: `loss_fn` cannot be called as ``loss_fn(frozen, lora, batch, key)``.
+        TypeError: `strategy` is not a `Strategy` (e.g. the string ``"pmap"``), or
+            `loss_fn` cannot be called as ``loss_fn(frozen, lora, batch, key)``.
+        ValueError: `accum_steps` < 1.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
@@ -225,7 +193,7 @@ def make_train_step(
         >>> config = lj.LoraConfig(rank=2, targets="w")
         >>> frozen, lora = lj.split(params, config, key=jax.random.key(0))
         >>> def loss_fn(frozen, lora, batch, key):
-        ...     w = lj.merge(frozen, lora, config)["w"]
+        ...     w = lj.merge(frozen, lora)["w"]
         ...     return jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
         >>> tx = optax.adam(1e-2)
         >>> step = lj.make_train_step(loss_fn, tx)
@@ -234,10 +202,18 @@ def make_train_step(
         >>> state, metrics = step(state, frozen, batch)
         >>> int(state.step), metrics["loss"].dtype
         (1, dtype('float32'))
+        >>> pmap = lj.parallel.pmap()
+        >>> pstep = lj.make_train_step(loss_fn, tx, strategy=pmap)
+        >>> n = jax.local_device_count()
+        >>> big = {"x": jnp.ones((8 * n, 4)), "y": jnp.zeros((8 * n, 4))}
+        >>> placed, metrics = pstep(
+        ...     pmap.place_state(state, frozen), pmap.place_frozen(frozen), pmap.place_batch(big)
+        ... )
+        >>> int(pmap.gather(placed).step), pmap.metrics(metrics)["loss"].shape
+        (2, ())
     """
     _check_loss_fn(loss_fn)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"`strategy` must be one of {STRATEGIES}; found {strategy!r}.")
+    strategy = _check_strategy(strategy)
     if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"`accum_steps` must be an int >= 1; found {accum_steps!r}.")
     update = functools.partial(
@@ -246,80 +222,15 @@ def make_train_step(
         optimizer=optimizer,
         accum_steps=accum_steps,
         skip_nonfinite=skip_nonfinite,
-        axis_name=_PMAP_AXIS if strategy == "pmap" else None,
+        axis_name=strategy.axis_name,
     )
-    donated = (0,) if donate else ()
-    if strategy == "jit":
-        return _jit_step(update, donated)
-    if strategy == "pmap":
-        return _pmap_step(update, donated)
-    if mesh is None:
-        raise ValueError('strategy="mesh" needs `mesh=` (a jax.sharding.Mesh).')
-    distributed.check_axes(mesh, data_axis, fsdp_axis)
-    return _mesh_step(update, donated, accum_steps, optimizer, mesh, data_axis, fsdp_axis)
+    compiled = strategy.compile(update, donate)
+    check_residuals = _residual_check(strategy.gather)
 
-
-def _jit_step(update, donated):
-    compiled = jax.jit(update, donate_argnums=donated)
-
-    def step(state, frozen, batch):
+    def step(state: TrainState, frozen: Any, batch: Any) -> tuple[TrainState, dict[str, Any]]:
         _check_type(state)
+        strategy.check(state, frozen, batch, accum_steps)
+        check_residuals(state, frozen, batch)
         return compiled(state, frozen, batch)
-
-    return step
-
-
-def _pmap_step(update, donated):
-    compiled = jax.pmap(update, axis_name=_PMAP_AXIS, donate_argnums=donated)
-
-    def step(state, frozen, batch):
-        n = jax.local_device_count()
-        _check_leading(state, "state", n, "Pass lj.replicate(state).")
-        _check_leading(frozen, "frozen", n, "Pass lj.replicate(frozen).")
-        _check_leading(batch, "batch", n, "Pass lj.shard_batch(batch).")
-        _check_type(state)
-        return compiled(state, frozen, batch)
-
-    return step
-
-
-def _mesh_step(update, donated, accum_steps, optimizer, mesh, data_axis, fsdp_axis):
-    cache: dict[Any, tuple[Any, Any, Any, Callable]] = {}
-
-    def build(state, frozen, batch):
-        check_fits(_paths.flatten(frozen), flatten_lora(state.lora))  # before any sharding
-        sh = distributed.mesh_shardings(
-            mesh, frozen, state.lora, data_axis=data_axis, fsdp_axis=fsdp_axis
-        )
-        rep = sh.replicated
-        opt = distributed.opt_state_shardings(optimizer, state.opt_state, sh.lora, rep)
-        state_sh = TrainState(step=rep, lora=sh.lora, opt_state=opt, rng=rep, skipped=rep)  # type: ignore[arg-type]
-        batch_sh = jax.tree.map(lambda _: sh.batch, batch)
-        fn = jax.jit(
-            update,
-            in_shardings=(state_sh, sh.frozen, batch_sh),
-            out_shardings=(state_sh, rep),
-            donate_argnums=donated,
-        )
-        return state_sh, sh.frozen, batch_sh, fn
-
-    ways = distributed.batch_ways(mesh, data_axis, fsdp_axis)
-    local = ways // jax.process_count() if ways % jax.process_count() == 0 else ways
-    why = f"{ways} batch shards over the mesh x accum_steps={accum_steps}, per process"
-
-    def step(state, frozen, batch):
-        _check_type(state)
-        distributed.check_divisible(batch, max(local, 1) * accum_steps, why)
-        key = (
-            jax.tree.structure((state, frozen, batch)),
-            tuple(np.shape(x) for x in jax.tree.leaves((state, frozen, batch))),
-        )
-        if key not in cache:
-            cache[key] = build(state, frozen, batch)
-        state_sh, frozen_sh, batch_sh, fn = cache[key]
-        state = distributed.place(state, state_sh)
-        frozen = distributed.place(frozen, frozen_sh)
-        batch = distributed.place_batch(batch, batch_sh)
-        return fn(state, frozen, batch)
 
     return step
