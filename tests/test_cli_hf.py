@@ -155,7 +155,7 @@ def test_finetune_on_hf_checkpoint(run_dir, hf_folder):
     samples = summary["samples"]
     assert set(samples) == {"base", "adapted"}
     assert all(isinstance(text, str) for text in samples.values())
-    assert (run_dir / "adapter" / lj.METADATA_FILE).is_file()
+    assert (run_dir / "adapter" / lj.io.METADATA_FILE).is_file()
     # The base's sample again, from the settings' defaults (prompt "def ", temperature 0.8,
     # top-k 40, seed 0): the prompt starts with the HF tokenizer's BOS, the text is its decode.
     tok = HFTokenizer(hf_folder)
@@ -191,8 +191,8 @@ def test_export_merged_loads_in_transformers(run_dir, hf_folder, tmp_path, capsy
         theirs = model.eval()(torch.from_numpy(ids)).logits.float().numpy()
 
     config, variables = from_pretrained(hf_folder)
-    lora, lora_config = lj.load_adapter(run_dir / "adapter")
-    apply = jax.jit(lj.lora_apply(Llama(config).apply, lora_config))
+    lora = lj.load_adapter(run_dir / "adapter")
+    apply = jax.jit(lj.lora_apply(Llama(config).apply))
     ours = np.asarray(apply(variables, lora, jnp.asarray(ids)))
     base = np.asarray(jax.jit(Llama(config).apply)(variables, jnp.asarray(ids)))
     assert np.abs(ours - base).max() > 1e-3  # the adapters moved the model
@@ -218,8 +218,8 @@ def test_export_peft_loads_in_peft(run_dir, hf_folder, tmp_path):
     with torch.no_grad():
         theirs = model(torch.from_numpy(ids)).logits.float().numpy()
     config, variables = from_pretrained(hf_folder)
-    lora, lora_config = lj.load_adapter(run_dir / "adapter")
-    ours = np.asarray(lj.lora_apply(Llama(config).apply, lora_config)(variables, lora, ids))
+    lora = lj.load_adapter(run_dir / "adapter")
+    ours = np.asarray(lj.lora_apply(Llama(config).apply)(variables, lora, ids))
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
 
 

@@ -267,9 +267,9 @@ def test_lora_factored_on_every_projection(scan, tied):
     config = lj.LoraConfig(rank=4, targets=["all-linear", ".*/embedding"])
     # an "rbg" key: same semantics, a much faster compile on CPU than threefry
     frozen, lora = lj.split(variables, config, key=jax.random.key(0, impl="rbg"), layouts=layouts)
-    apply = jax.jit(lj.lora_apply(model.apply, config))
+    apply = jax.jit(lj.lora_apply(model.apply))
     np.testing.assert_array_equal(apply(frozen, lora, ids), forward(c, variables, ids))
-    routes = lj.routes(model.apply, config, frozen, lora, ids)
+    routes = lj.routes(model.apply, frozen, lora, ids)
     assert set(routes) == set(layouts) - head
     assert routes["params/embed_tokens/embedding"] == "factored (Embed)"
     assert {routes[p] for p in kernels} == {"factored (Dense)"}

@@ -25,7 +25,6 @@ from train.finetune import (
     ADAPTER,
     CHECKPOINTS,
     LoraResult,
-    lora_config,
     lora_logits_fn,
     new_state,
     run_lora,
@@ -34,7 +33,7 @@ from train.full import train_full
 from train.models import PRESETS, Llama, init_cache
 from train.models.export import export_merged
 from train.models.peft_map import module_map
-from train.placement import make_placement
+from train.placement import make_strategy
 from train.report import PLOT_FILE, Reporter, plot_losses, read_metrics
 from train.sampling import generate
 from train.settings import COMMAND_DEFAULTS, Settings, UserError
@@ -147,9 +146,7 @@ def _sample_shape(s: Settings, base: Base) -> tuple[jax.Array, int]:
     return prompt, length
 
 
-def _sample_pair(
-    s: Settings, base: Base, config: lj.LoraConfig | None, frozen: Any, lora: Any
-) -> dict[str, str]:
+def _sample_pair(s: Settings, base: Base, frozen: Any, lora: Any) -> dict[str, str]:
     """A sample for the same prompt from the base and (if given) the adapted model."""
     model = Llama(base.config)
     prompt, length = _sample_shape(s, base)
@@ -169,12 +166,12 @@ def _sample_pair(
 
     base_ids = generate(plain, base.variables, prompt, cache(), **kwargs)[0]
     out = {"base": base.tokenizer.decode(base_ids)}
-    if config is not None:
+    if lora is not None:
         if s.merged:
-            merged = lj.merge(frozen, lora, config)
+            merged = lj.merge(frozen, lora)
             ids = generate(plain, merged, prompt, cache(), **kwargs)[0]
         else:
-            apply = lj.lora_apply(model.apply, config)
+            apply = lj.lora_apply(model.apply, deterministic=True)
             fwd = _LoraForward(apply)
             ids = generate(fwd, (frozen, lora), prompt, cache(), **kwargs)[0]
         out["adapted"] = base.tokenizer.decode(ids)
@@ -193,35 +190,35 @@ def _adapter_dir(s: Settings) -> pathlib.Path:
     return pathlib.Path(s.adapter) if s.adapter else pathlib.Path(s.run_dir) / ADAPTER
 
 
-def _load_adapter(s: Settings, base: Base) -> tuple[lj.LoraConfig, Any, Any]:
-    """The run's adapter: ``adapter/`` (or ``--adapter``), else its latest checkpoint."""
+def _load_adapter(s: Settings, base: Base) -> tuple[Any, Any]:
+    """``(frozen, lora)`` of the run: ``adapter/`` (or ``--adapter``), else its latest
+    checkpoint (restored into the adapters that the run's settings create)."""
     folder = _adapter_dir(s)
     checkpoints = pathlib.Path(s.run_dir) / CHECKPOINTS
     try:
-        if (folder / lj.METADATA_FILE).exists():
-            lora, config = lj.load_adapter(folder, base.variables)
+        if (folder / lj.io.METADATA_FILE).exists():
+            lora = lj.load_adapter(folder, frozen=base.variables)
         elif not s.adapter and checkpoints.is_dir() and any(checkpoints.iterdir()):
-            config = lora_config(s)
-            with lj.CheckpointManager(checkpoints, config) as mgr:
+            with lj.CheckpointManager(checkpoints) as mgr:
                 state, _ = mgr.restore(new_state(s, base)[1], frozen=base.variables)
             lora = state.lora
         else:
             raise UserError(
-                f"no adapter in {folder} (missing {lj.METADATA_FILE}) and no checkpoints in "
+                f"no adapter in {folder} (missing {lj.io.METADATA_FILE}) and no checkpoints in "
                 f"{checkpoints}; finish a `finetune` run there, or pass --adapter DIR."
             )
     except UserError:
         raise
     except ValueError as err:
         raise UserError(str(err)) from None
-    return config, base.variables, lora  # the app trains with the default init: base as is
+    return base.variables, lora  # the app trains with the default init: base as is
 
 
 def _has_adapter(s: Settings) -> bool:
     checkpoints = pathlib.Path(s.run_dir) / CHECKPOINTS
     return (
         bool(s.adapter)
-        or (_adapter_dir(s) / lj.METADATA_FILE).exists()
+        or (_adapter_dir(s) / lj.io.METADATA_FILE).exists()
         or (checkpoints.is_dir() and any(checkpoints.iterdir()))
     )
 
@@ -229,7 +226,7 @@ def _has_adapter(s: Settings) -> bool:
 def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
     """``python -m train finetune`` (the default): LoRA on the base, then a report."""
     t_start = time.perf_counter()
-    placement = make_placement(s)
+    strategy = make_strategy(s)
     base = ensure_base(s, out)
     corpora.check_seq_len(s, base)
     _sample_shape(s, base)  # a bad sampling setting fails now, not after training
@@ -238,11 +235,11 @@ def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
     model = Llama(base.config)
     base_loss = eval_loss(make_eval_fn(model.apply), base.variables, evals)
     main = jax.process_index() == 0
-    result = run_lora(s, base, train_set, evals, placement, out if main else None)
+    result = run_lora(s, base, train_set, evals, strategy, out if main else None)
     report: dict[str, Any] = {"base_eval_loss": base_loss, **_lora_report(result)}
     run_dir = pathlib.Path(s.run_dir).absolute()
     if jax.process_count() == 1:
-        lj.save_adapter(run_dir / ADAPTER, result.lora, result.config, overwrite=True)
+        lj.save_adapter(run_dir / ADAPTER, result.lora, overwrite=True)
         report["adapter_bytes_on_disk"] = _folder_bytes(run_dir / ADAPTER)
     elif main:  # save_adapter is single-process; the last checkpoint holds the adapter
         print(
@@ -277,7 +274,7 @@ def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
             full_opt_state_bytes=full.opt_state_bytes,
         )
     if main:
-        report["samples"] = _sample_pair(s, base, result.config, result.frozen, result.lora)
+        report["samples"] = _sample_pair(s, base, result.frozen, result.lora)
         report["seconds"] = time.perf_counter() - t_start
         references = {"base": base_loss}
         if report.get("full_eval_loss") is not None:
@@ -351,8 +348,8 @@ def evaluate(s: Settings, out: TextIO) -> dict[str, Any]:
     result = {"base_eval_loss": eval_loss(make_eval_fn(model.apply), base.variables, evals)}
     line = f"eval loss: base {result['base_eval_loss']:.4f}"
     if _has_adapter(s):
-        config, frozen, lora = _load_adapter(s, base)
-        fn = make_eval_fn(lora_logits_fn(model, config))
+        frozen, lora = _load_adapter(s, base)
+        fn = make_eval_fn(lora_logits_fn(model))
         result["lora_eval_loss"] = eval_loss(fn, (frozen, lora), evals)
         line += f", with the adapter in {_adapter_dir(s)} {result['lora_eval_loss']:.4f}"
     print(line, file=out)
@@ -362,8 +359,8 @@ def evaluate(s: Settings, out: TextIO) -> dict[str, Any]:
 def sample(s: Settings, out: TextIO) -> dict[str, Any]:
     """``python -m train sample``: continue ``--prompt`` with the base and the adapter."""
     base = ensure_base(s, out)
-    config, frozen, lora = _load_adapter(s, base) if _has_adapter(s) else (None, None, None)
-    samples = _sample_pair(s, base, config, frozen, lora)
+    frozen, lora = _load_adapter(s, base) if _has_adapter(s) else (None, None)
+    samples = _sample_pair(s, base, frozen, lora)
     for name, text in samples.items():
         print(f"--- {name}{' (merged)' if name == 'adapted' and s.merged else ''}:", file=out)
         print(s.prompt + text, file=out)
@@ -377,23 +374,22 @@ def export(s: Settings, out: TextIO) -> dict[str, Any]:
     if not (s.out_adapter or s.out_merged or s.out_peft):
         raise UserError("export needs --lora-out DIR, --peft-out DIR and/or --merged-out DIR.")
     base = ensure_base(s, out)
-    config, frozen, lora = _load_adapter(s, base)
+    frozen, lora = _load_adapter(s, base)
     written = {}
     if s.out_adapter:
-        lj.save_adapter(s.out_adapter, lora, config, overwrite=True)
+        lj.save_adapter(s.out_adapter, lora, overwrite=True)
         written["adapter"] = s.out_adapter
     if s.out_peft:
         pathlib.Path(s.out_peft).mkdir(parents=True, exist_ok=True)
-        lj.export_peft(
+        lj.peft.export_adapter(
             s.out_peft,
             lora,
-            config,
             module_map=module_map(base.config),
             base_model_name_or_path=base.source,
         )
         written["PEFT adapter"] = s.out_peft
     if s.out_merged:
-        export_merged(s.out_merged, base.config, frozen, lora, config)
+        export_merged(s.out_merged, base.config, frozen, lora)
         corpora.copy_tokenizer_files(base, pathlib.Path(s.out_merged))
         written["merged weights"] = s.out_merged
     for kind, path in written.items():

@@ -23,7 +23,7 @@ from train.data import make_loader
 from train.evaluation import eval_loss, make_eval_fn
 from train.losses import make_optimizer, schedule, token_nll
 from train.models import Llama
-from train.placement import Placement
+from train.placement import restore_target
 from train.report import Reporter
 from train.settings import Settings, UserError
 
@@ -38,12 +38,11 @@ _RESUME_FIXED = ("base", "data", "seq_len", "batch_size", "seed", "rank", "alpha
 
 @dataclasses.dataclass
 class LoraResult:
-    """What a LoRA run produced (host arrays)."""
+    """What a LoRA run produced (host arrays; the adapters carry their own scales)."""
 
-    config: lj.LoraConfig
     frozen: Any
     lora: Any
-    summary: lj.Summary
+    summary: lj.core.Summary
     steps: int
     eval_loss: float | None
     train_loss: float | None
@@ -52,7 +51,7 @@ class LoraResult:
 
 
 def lora_config(s: Settings) -> lj.LoraConfig:
-    """The `lj.LoraConfig` of the run settings.
+    """The `lj.LoraConfig` of the run settings (used only to create the adapters).
 
     Example:
         >>> lora_config(Settings(rank=4, alpha=8.0)).rank
@@ -63,14 +62,14 @@ def lora_config(s: Settings) -> lj.LoraConfig:
     )
 
 
-def lora_logits_fn(model: Llama, config: lj.LoraConfig) -> Any:
-    """``fn((frozen, lora), ids) -> logits``, for evaluation."""
-    apply = lj.lora_apply(model.apply, config)
+def lora_logits_fn(model: Llama) -> Any:
+    """``fn((frozen, lora), ids) -> logits``, for evaluation (no dropout)."""
+    apply = lj.lora_apply(model.apply, deterministic=True)
     return lambda params, ids: apply(params[0], params[1], ids)
 
 
-def _loss_fn(model: Llama, config: lj.LoraConfig) -> Any:
-    apply = lj.lora_apply(model.apply, config)
+def _loss_fn(model: Llama) -> Any:
+    apply = lj.lora_apply(model.apply)
 
     def loss_fn(frozen: Any, lora: Any, batch: dict, key: jax.Array) -> Any:
         logits = apply(frozen, lora, batch["inputs"], rngs={lj.DROPOUT_RNG: key})
@@ -131,7 +130,7 @@ def run_lora(
     base: Base,
     train_packed: Any,
     eval_sets: list[dict[str, Any]],
-    placement: Placement,
+    strategy: lj.parallel.Strategy,
     reporter_stream: Any,
 ) -> LoraResult:
     """Trains LoRA adapters on the base for ``s.steps`` steps (resuming if asked).
@@ -141,7 +140,7 @@ def run_lora(
         base: the frozen base model.
         train_packed: packed training windows (`train.data.pack_documents`).
         eval_sets: fixed evaluation batches (numpy) for the eval loss.
-        placement: devices and strategy (`train.placement.make_placement`).
+        strategy: where the step runs (`train.placement.make_strategy`).
         reporter_stream: where the progress bar goes (None: silent).
 
     Returns:
@@ -153,8 +152,7 @@ def run_lora(
     """
     run_dir = pathlib.Path(s.run_dir).absolute()
     model = Llama(base.config)
-    config = lora_config(s)
-    (frozen, lora), state, optimizer = new_state(s, base)
+    (frozen, _), state, optimizer = new_state(s, base)
     loader = make_loader(
         train_packed,
         batch_size=s.batch_size // jax.process_count(),
@@ -164,7 +162,7 @@ def run_lora(
     )
     main = jax.process_index() == 0
     mgr = lj.CheckpointManager(
-        run_dir / CHECKPOINTS, config, max_to_keep=s.keep, save_interval_steps=s.save_every
+        run_dir / CHECKPOINTS, max_to_keep=s.keep, save_interval_steps=s.save_every
     )
     start = 0
     latest = mgr.latest_step()
@@ -176,7 +174,7 @@ def run_lora(
         )
     if latest is not None:
         _check_resume(run_dir, s)
-        state, position = mgr.restore(placement.restore_target(state), frozen=frozen)
+        state, position = mgr.restore(restore_target(strategy, state, frozen), frozen=frozen)
         loader.set_state(position["loader"])
         start = int(state.step)
     if main:
@@ -184,16 +182,15 @@ def run_lora(
         write_run_file(run_dir, s)
 
     step_fn = lj.make_train_step(
-        _loss_fn(model, config),
+        _loss_fn(model),
         optimizer,
-        strategy=s.strategy,
-        mesh=placement.mesh,
+        strategy=strategy,
         accum_steps=s.accum_steps,
     )
-    eval_fn = make_eval_fn(lora_logits_fn(model, config))
-    frozen_placed = placement.frozen(frozen, lora)
-    frozen_eval = placement.eval_params(frozen, frozen_placed)
-    placed = placement.state(state)
+    eval_fn = make_eval_fn(lora_logits_fn(model))
+    frozen_placed = strategy.place_frozen(frozen)
+    frozen_eval = strategy.gather(frozen_placed)
+    placed = strategy.place_state(state, frozen)
     tokens_per_step = s.batch_size * s.seq_len
     last_eval: float | None = None
     last_train: float | None = None
@@ -211,9 +208,9 @@ def run_lora(
     ) as rep:
         tick = time.perf_counter()
         for step in range(start + 1, s.steps + 1):
-            batch = placement.batch(next(loader))
+            batch = strategy.place_batch(next(loader))
             placed, metrics = step_fn(placed, frozen_placed, batch)
-            window.append(placement.metrics(metrics)["aux"])
+            window.append(strategy.metrics(metrics)["aux"])
             if step % s.log_every == 0 or step == s.steps:
                 sums = jax.device_get(window)
                 loss = sum(float(w["nll_sum"]) for w in sums) / max(
@@ -229,22 +226,21 @@ def run_lora(
                 rep.log(step, "train", loss=loss, lr=lr, tokens=tokens_per_step * len(window))
                 window = []
             if step % s.eval_every == 0 or step == s.steps:
-                lora_now = placement.host_lora(placed)
+                lora_now = jax.device_get(strategy.gather(placed.lora))
                 last_eval = eval_loss(eval_fn, (frozen_eval, lora_now), eval_sets)
                 rep.log(step, "eval", loss=last_eval)
                 tick = time.perf_counter()
             if step % s.save_every == 0 or step == s.steps:
                 mgr.save(
                     step,
-                    placement.checkpoint_state(placed),
+                    placed,  # a pmap state is saved as one copy
                     data_position={"loader": loader.get_state()},
                     force=step == s.steps,
                 )
         mgr.wait_until_finished()
     mgr.close()
-    final_lora = placement.host_lora(placed)
+    final_lora = jax.device_get(strategy.gather(placed.lora))
     return LoraResult(
-        config=config,
         frozen=frozen,
         lora=final_lora,
         summary=lj.summary(frozen, final_lora),

@@ -85,11 +85,11 @@ def scaling(preset: str, steps: int) -> dict[str, Any]:
     model, variables, ids = _model(preset, batch=4)
     config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=ALL_LINEAR)
     frozen, lora = lj.split(variables, config, key=jax.random.key(1))
-    apply = lj.lora_apply(model.apply, config)
+    apply = lj.lora_apply(model.apply)
     tx = optax.adamw(1e-4)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     step = lj.make_train_step(
-        lambda f, lo, b, k: lm_loss(apply(f, lo, b), b), tx, strategy="mesh", mesh=mesh
+        lambda f, lo, b, k: lm_loss(apply(f, lo, b), b), tx, strategy=lj.parallel.mesh(mesh)
     )
     state = lj.TrainState.create(lora, tx, key=jax.random.key(2))
     for _ in range(2):  # compile, then one warm step

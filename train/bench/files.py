@@ -37,10 +37,10 @@ def adapter_files(variables: Any, rounds: int) -> dict[str, float]:
         for i in range(max(rounds, 1)):
             folder = pathlib.Path(tmp) / f"adapter_{i}"
             start = time.perf_counter()
-            lj.save_adapter(folder, lora, config)
+            lj.save_adapter(folder, lora)
             saves.append(time.perf_counter() - start)
             start = time.perf_counter()
-            back, _ = lj.load_adapter(folder, frozen)
+            back = lj.load_adapter(folder, frozen=frozen)
             jax.block_until_ready(back)
             loads.append(time.perf_counter() - start)
             size = _folder_bytes(folder)

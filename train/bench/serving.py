@@ -24,9 +24,9 @@ def serving_runners(model: GPT, variables: dict, ids: jax.Array) -> list[Runner]
         jax.tree.map(lambda x: x + 0.01, lj.split(variables, config, key=jax.random.key(i))[1])
         for i in range(SERVING_ADAPTERS)
     ]  # B != 0, so no adapter is trivially the base
-    stacked = lj.stack_adapters(loras)
-    merged = lj.merge(variables, loras[0], config)
-    apply, mixed = lj.lora_apply(model.apply, config), lj.lora_apply_mixed(model.apply, config)
+    stacked = lj.multi.stack_adapters(loras)
+    merged = lj.merge(variables, loras[0])
+    apply, mixed = lj.lora_apply(model.apply), lj.multi.lora_apply_mixed(model.apply)
 
     def runner(name: str, fn: Callable[..., Any], args: Callable[[int], tuple]) -> Runner:
         box = Runner(name, lambda: None, 0, 0, 0)

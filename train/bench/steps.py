@@ -68,11 +68,11 @@ def lora_runner(
 ) -> Runner:
     config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=targets)
     frozen, lora = lj.split(variables, config, key=jax.random.key(1))
-    apply = lj.lora_apply(model.apply, config)
+    apply = lj.lora_apply(model.apply)
 
     def loss_fn(frozen, lora, ids, key):
         if merged:
-            return lm_loss(model.apply(lj.merge(frozen, lora, config), ids), ids)
+            return lm_loss(model.apply(lj.merge(frozen, lora), ids), ids)
         return lm_loss(apply(frozen, lora, ids), ids)
 
     tx = optax.adamw(1e-4)
@@ -141,10 +141,10 @@ def nnx_runner(name: str, cfg: GPTConfig, ids: jax.Array, targets: set[str]) -> 
 
 
 def nnx_lora_jax_runner(name: str, cfg: GPTConfig, ids: jax.Array) -> Runner:
-    """lora_jax on the plain NNX twin, in place (`lj.add_lora`), trained by the same step."""
+    """lora_jax on the plain NNX twin, in place (`lj.nnx.add_lora`), trained by the same step."""
     model = NnxGPT(cfg, set(), nnx.Rngs(0))
     config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=NNX_ALL_LINEAR_PATTERN)
-    lj.add_lora(model, config, key=jax.random.key(1))
+    lj.nnx.add_lora(model, config, key=jax.random.key(1))
     return _nnx_step_runner(name, model, ids)
 
 

@@ -18,7 +18,6 @@ def export_merged(
     model_config: LlamaConfig,
     frozen: Any,
     lora: Any,
-    lora_config: lj.LoraConfig,
 ) -> pathlib.Path:
     """Writes ``W + s·a@b`` as a HuggingFace folder that ``transformers`` loads with no PEFT.
 
@@ -29,8 +28,7 @@ def export_merged(
         path: the folder to create or update (``config.json`` + ``model.safetensors``).
         model_config: the base's architecture.
         frozen: the base from `lora_jax.split` (scanned or not).
-        lora: the adapters.
-        lora_config: the config the adapters were made with.
+        lora: the adapters (each carries its own scale).
 
     Returns:
         The folder.
@@ -47,9 +45,9 @@ def export_merged(
         >>> v = Llama(c).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
         >>> cfg = lj.LoraConfig(rank=2, targets="all-linear")
         >>> frozen, lora = lj.split(v, cfg, key=jax.random.key(1))
-        >>> folder = export_merged(tempfile.mkdtemp() + "/merged", c, frozen, lora, cfg)
+        >>> folder = export_merged(tempfile.mkdtemp() + "/merged", c, frozen, lora)
         >>> sorted(p.name for p in folder.iterdir())
         ['config.json', 'model.safetensors']
     """
-    merged = lj.merge(frozen, lora, lora_config)
+    merged = lj.merge(frozen, lora)
     return save_pretrained(path, model_config, merged, dtype=model_config.param_dtype)

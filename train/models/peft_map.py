@@ -2,7 +2,7 @@
 
 `module_map` says how each Flax kernel of `train.models.Llama` is named in the
 HuggingFace PyTorch model (``LlamaForCausalLM``, ``MistralForCausalLM``,
-``Qwen2ForCausalLM``), for `lora_jax.export_peft` and `lora_jax.import_peft`:
+``Qwen2ForCausalLM``), for `lora_jax.peft.export_adapter` and `lora_jax.peft.import_adapter`:
 
 ==============================================  =======================================
 Flax path                                       PyTorch module
@@ -31,7 +31,7 @@ _TIED = (
 )
 
 
-def module_map(config: LlamaConfig) -> lj.ModuleMap:
+def module_map(config: LlamaConfig) -> lj.peft.ModuleMap:
     """The Flax-path to PyTorch-module map of a `train.models.Llama`, scanned or not.
 
     Args:
@@ -39,7 +39,8 @@ def module_map(config: LlamaConfig) -> lj.ModuleMap:
             be exchanged; ``scan_layers`` makes no difference, both layouts are mapped).
 
     Returns:
-        A `lora_jax.ModuleMap` for `lora_jax.export_peft` / `lora_jax.import_peft`.
+        A `lora_jax.peft.ModuleMap` for `lora_jax.peft.export_adapter` /
+        `lora_jax.peft.import_adapter`.
 
     Example:
         >>> from train.models import PRESETS
@@ -52,12 +53,14 @@ def module_map(config: LlamaConfig) -> lj.ModuleMap:
         ['model.layers.0.mlp.up_proj', 'model.layers.1.mlp.up_proj']
     """
     rules = (
-        lj.ModuleRule(
+        lj.peft.ModuleRule(
             r"params/layers_(\d+)/(self_attn|mlp)/(\w+)/kernel", r"model.layers.\1.\2.\3"
         ),
-        lj.ModuleRule(r"params/layers/(self_attn|mlp)/(\w+)/kernel", r"model.layers.{0}.\1.\2"),
-        lj.ModuleRule("params/embed_tokens/embedding", "model.embed_tokens", kind="embedding"),
-        lj.ModuleRule("params/lm_head/kernel", "lm_head"),
+        lj.peft.ModuleRule(
+            r"params/layers/(self_attn|mlp)/(\w+)/kernel", r"model.layers.{0}.\1.\2"
+        ),
+        lj.peft.ModuleRule("params/embed_tokens/embedding", "model.embed_tokens", kind="embedding"),
+        lj.peft.ModuleRule("params/lm_head/kernel", "lm_head"),
     )
     unsupported = {"params/embed_tokens/embedding": _TIED} if config.tie_embeddings else {}
-    return lj.ModuleMap(rules, unsupported)
+    return lj.peft.ModuleMap(rules, unsupported)
