@@ -25,7 +25,8 @@ from lora_jax.core._split import split
 from lora_jax.core._weights import LoraWeights
 from lora_jax.io._adapter import load_adapter, save_adapter
 from lora_jax.io._checkpoint import CheckpointManager
-from lora_jax.training._step import TrainState, make_train_step
+from lora_jax.training._state import TrainState
+from lora_jax.training._step import make_train_step
 
 __version__ = "0.2.0"
 

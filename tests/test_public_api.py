@@ -144,7 +144,9 @@ def test_frameworks_never_import_each_other(path):
         assert not any(t.startswith("lora_jax.linen") for t in targets), (me, targets)
         assert "flax.linen" not in {m for m, _ in _imports(path)}, me
     if me.startswith("lora_jax.core"):
-        assert not any(t.startswith("lora_jax.") and not t.startswith("lora_jax.core") for t in targets), me
+        assert not any(
+            t.startswith("lora_jax.") and not t.startswith("lora_jax.core") for t in targets
+        ), me
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
