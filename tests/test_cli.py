@@ -6,8 +6,12 @@ then fine-tunes it on a few files of code for a handful of steps.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import io
 import json
 import pathlib
+import re
 import shutil
 import sysconfig
 
@@ -16,8 +20,8 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from train import report
-from train.cli import main
+from train import cli, report
+from train.cli import main, parse
 from train.models import PRESETS, Llama, from_pretrained
 
 FAST = ["--seq-len", "32", "--batch-size", "8", "--no-progress", "--log-every", "2"]
@@ -77,7 +81,7 @@ def finetune(base_dir, code_dir, run_dir, *extra: str) -> int:
 
 
 def adapter_arrays(run_dir: pathlib.Path, base_dir: pathlib.Path) -> list[np.ndarray]:
-    lora, _ = lj.load_adapter(run_dir / "adapter")
+    lora = lj.load_adapter(run_dir / "adapter")
     return [np.asarray(x) for x in jax.tree.leaves(lora)]
 
 
@@ -216,7 +220,11 @@ def test_eval_matches_the_run_summary(base_dir, code_dir, trained, capsys):
             str(trained),
             "--eval-batches",
             "2",
-            *FAST,
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "8",
+            "--no-progress",
         )
         == 0
     )
@@ -242,8 +250,8 @@ def test_export_adapter_and_merged_weights(base_dir, trained, tmp_path):
         )
         == 0
     )
-    lora, config = lj.load_adapter(out_lora)
-    original, _ = lj.load_adapter(trained / "adapter")
+    lora = lj.load_adapter(out_lora)
+    original = lj.load_adapter(trained / "adapter")
     for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(original), strict=True):
         np.testing.assert_array_equal(a, b)
     model_config, merged = from_pretrained(out_merged)
@@ -251,7 +259,7 @@ def test_export_adapter_and_merged_weights(base_dir, trained, tmp_path):
 
     base = load_base(base_dir)
     ids = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
-    factored = lj.lora_apply(Llama(base.config).apply, config)(base.variables, lora, ids)
+    factored = lj.lora_apply(Llama(base.config).apply)(base.variables, lora, ids)
     plain = Llama(model_config).apply(merged, ids)
     np.testing.assert_allclose(plain, factored, atol=2e-4)
 
@@ -288,8 +296,6 @@ def test_builtin_base_is_pretrained_once_and_cached(code_dir, tmp_path, monkeypa
 
 
 def test_config_file_and_flags(base_dir, code_dir, tmp_path):
-    from train.cli import parse
-
     cfg = tmp_path / "run.yaml"
     cfg.write_text("steps: 7\nlr: 3e-4\nrun-dir: runs/x\ntargets: attention\n")
     s, _ = parse(["--config", str(cfg), "--steps", "9"])
@@ -299,6 +305,7 @@ def test_config_file_and_flags(base_dir, code_dir, tmp_path):
     bad.write_text('{"stesp": 3}')
     with pytest.raises(ValueError, match=r"unknown setting `stesp`.*`steps`"):
         parse(["--config", str(bad)])
+    assert parse(["--data", "a", "b", "--run-dir", "x"])[0].data == ("a", "b")
 
 
 def test_help_lists_the_commands(capsys):
@@ -315,6 +322,222 @@ def _error(capsys, *argv: str) -> str:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1, err
     return err
+
+
+# The flags each command reads (the spec of `python -m train COMMAND --help`).
+EVERY = {"--config", "--debug", "--base", "--tokenizer", "--cache-dir", "--dtype", "--run-dir"}
+EVERY |= {"--no-progress"}
+DATA = {"--data", "--eval-data", "--seq-len", "--batch-size", "--eval-batches"}
+TRAINING = {"--steps", "--seed", "--lr", "--warmup-steps", "--min-lr-ratio", "--weight-decay"}
+TRAINING |= {"--clip-norm", "--eval-every", "--log-every"}
+SAMPLING = {"--seed", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--merged"}
+FROM_RUN = {"--scan-layers", "--adapter"}
+FLAGS_OF = {
+    "finetune": EVERY
+    | DATA
+    | TRAINING
+    | SAMPLING
+    | {"--scan-layers", "--resume"}
+    | {"--accum-steps", "--save-every", "--keep", "--compare-full", "--full-lr"}
+    | {"--rank", "--alpha", "--targets", "--dropout", "--rslora"}
+    | {"--strategy", "--devices", "--coordinator", "--num-processes", "--process-id"},
+    "pretrain": EVERY | DATA | TRAINING,
+    "eval": EVERY | DATA | FROM_RUN,
+    "sample": EVERY | SAMPLING | FROM_RUN,
+    "export": EVERY | FROM_RUN | {"--lora-out", "--merged-out", "--peft-out"},
+}
+
+
+def help_entries(capsys, monkeypatch, command: str) -> dict[str, str]:
+    """`python -m train COMMAND --help` as {flag: its line(s) joined}."""
+    monkeypatch.setenv("COLUMNS", "500")  # no wrapped help text
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    entries: dict[str, str] = {}
+    flag = None
+    for line in capsys.readouterr().out.splitlines():
+        start = re.match(r"  (--[\w-]+)", line)
+        if start:
+            flag = start.group(1)
+            entries[flag] = line.strip()
+        elif flag and line.startswith("      "):
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    return entries
+
+
+def _default(entry: str) -> str | None:
+    """The default an entry shows (eval / sample / export: the one without a run record)."""
+    found = re.search(r"\(default: (?:the run's(?:, else )?)?(.*?)\)$", entry)
+    return found.group(1) or None if found else None
+
+
+@pytest.mark.parametrize("command", list(FLAGS_OF))
+def test_help_lists_exactly_the_flags_the_command_reads(command, capsys, monkeypatch):
+    assert set(help_entries(capsys, monkeypatch, command)) == FLAGS_OF[command]
+
+
+@pytest.mark.parametrize("command", list(FLAGS_OF))
+def test_help_shows_the_defaults_the_command_runs_with(command, capsys, monkeypatch, tmp_path):
+    """Passing a default that ``--help`` shows changes nothing; a flag shows no default only
+    when there is none (a switch off, nothing, or a folder chosen at run time)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "adapter").mkdir(parents=True)  # a run, for eval / sample / export
+    plain = [command, "--run-dir", str(tmp_path / "run")]
+    want, _ = parse(plain)
+    fields = {name: f.field for f in cli.FLAGS for name in f.flags}
+    for flag, entry in help_entries(capsys, monkeypatch, command).items():
+        shown = _default(entry)
+        if flag in ("--config", "--debug"):
+            assert shown is None, entry
+        elif flag == "--run-dir":  # chosen at run time
+            assert shown is None and "without it" in entry, entry
+        elif flag == "--no-progress":
+            assert shown == "progress bars on" and want.progress, entry
+        elif shown is None:
+            assert getattr(want, fields[flag]) in (None, (), False), entry
+        else:
+            value = [ast.literal_eval(shown)] if shown.startswith("'") else shown.split()
+            assert parse([*plain, flag, *value])[0] == want, entry
+
+
+def test_pretrain_defaults_are_pretrains(capsys, monkeypatch, tmp_path):
+    """pretrain's own defaults (those the built-in base is pretrained with), not finetune's."""
+    from train.commands import builtin_recipe
+
+    monkeypatch.chdir(tmp_path)
+    entries = help_entries(capsys, monkeypatch, "pretrain")
+    shown = {flag: _default(entries[flag]) for flag in ("--data", "--steps", "--warmup-steps")}
+    shown["--eval-every"] = _default(entries["--eval-every"])
+    assert shown == {
+        "--data": "pydoc",
+        "--steps": "300",
+        "--warmup-steps": "30",
+        "--eval-every": "100",
+    }
+    s, _ = parse(["pretrain"])
+    assert (s.data, s.steps, s.warmup_steps, s.eval_every) == (("pydoc",), 300, 30, 100)
+    recipe = builtin_recipe()
+    assert (recipe["data"], recipe["steps"], recipe["warmup_steps"]) == (["pydoc"], 300, 30)
+    assert s.run_dir.startswith("runs/pretrain-")
+    finetune_help = help_entries(capsys, monkeypatch, "finetune")
+    assert _default(finetune_help["--steps"]) == str(parse([])[0].steps) != "300"
+
+
+@pytest.mark.parametrize("command", list(FLAGS_OF))
+def test_no_progress_help_says_what_the_default_is(command, capsys, monkeypatch):
+    entries = help_entries(capsys, monkeypatch, command)
+    assert "instead of progress bars" in entries["--no-progress"]
+    assert entries["--no-progress"].endswith("(default: progress bars on)")
+    for entry in entries.values():
+        assert not re.search(r"default: (True|False|None|\(\))", entry), entry
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "readers"),
+    [
+        ("pretrain", "--rank=4", "finetune"),
+        ("pretrain", "--strategy", "finetune"),
+        ("eval", "--steps", "finetune and pretrain"),
+        ("sample", "--data", "finetune, pretrain and eval"),
+        ("export", "--merged", "finetune and sample"),
+        ("finetune", "--lora-out", "export"),
+    ],
+)
+def test_a_flag_the_command_does_not_read_is_an_error(command, flag, readers, capsys):
+    err = _error(capsys, command, flag, "x")
+    name = flag.split("=")[0]
+    assert f"`{command}` does not read {name}, a flag of {readers};" in err
+    assert f"`python -m train {command} --help`" in err
+
+
+def test_unknown_and_bad_flags_are_one_line_errors(capsys):
+    assert "unknown flag --stesp for `finetune`" in _error(capsys, "--stesp", "3")
+    assert "Did you mean --steps?" in _error(capsys, "finetune", "--stesp", "3")
+    assert "invalid int value: 'x'" in _error(capsys, "--steps", "x")
+    assert "the command comes first" in _error(capsys, "--steps", "3", "eval")
+    assert "--merged" in _error(capsys, "export", "--merged-o", "x")  # no abbreviations
+
+
+def test_a_config_key_the_command_does_not_read_is_an_error(tmp_path, capsys):
+    cfg = tmp_path / "export.yaml"
+    cfg.write_text("merged: true\n")
+    with pytest.raises(ValueError, match=r"`export` does not read `merged`.*`out_merged`"):
+        parse(["export", "--config", str(cfg)])
+    cfg.write_text("log-every: 5\n")
+    err = _error(capsys, "eval", "--config", str(cfg))
+    assert "`eval` does not read `log_every` (set in the config file)" in err
+    cfg.write_text("rank: 4\n")
+    assert "`pretrain` does not read `rank`" in _error(capsys, "pretrain", "--config", str(cfg))
+
+
+@pytest.mark.parametrize("command", ["eval", "sample", "export"])
+def test_a_run_dir_without_a_run_is_an_error(command, tmp_path, capsys):
+    missing = tmp_path / "nonexistent"
+    err = _error(capsys, command, "--run-dir", str(missing))
+    assert f"`{command}` reads a fine-tuned run, and {missing} does not exist" in err
+    assert "--run-dir DIR" in err and "--adapter DIR" in err
+    (tmp_path / "empty").mkdir()
+    err = _error(capsys, command, "--run-dir", str(tmp_path / "empty"))
+    assert "holds no adapter/ and no checkpoints/" in err
+
+
+def test_sample_of_a_missing_run_is_an_error_not_the_bare_base(capsys):
+    assert run("sample", "--run-dir", "/nonexistent") == 2
+    captured = capsys.readouterr()
+    assert "/nonexistent does not exist" in captured.err and not captured.out
+
+
+def test_run_folder_names_are_finetunes():
+    from train import finetune as ft
+
+    assert (cli.ADAPTER_DIR, cli.CHECKPOINTS_DIR) == (ft.ADAPTER, ft.CHECKPOINTS)
+
+
+def _fields_read(monkeypatch, argv: list[str]) -> set[str]:
+    """The `Settings` fields a command reads while it runs (parsing left out)."""
+    from train.commands import RUNNERS
+    from train.settings import Settings
+
+    s, _ = parse(argv)
+    runner = RUNNERS[s.command]
+    fields, seen = {f.name for f in dataclasses.fields(Settings)}, set()
+
+    def record(self, name):
+        if name in fields:
+            seen.add(name)
+        return object.__getattribute__(self, name)
+
+    with monkeypatch.context() as m:
+        m.setattr(Settings, "__getattribute__", record)
+        runner(s, io.StringIO())
+    return seen
+
+
+def test_each_command_reads_the_flags_it_lists(base_dir, trained, tmp_path, monkeypatch):
+    """Against the code that runs: the flags a command lists are the settings it reads.
+
+    Left out: `cache_dir` and `progress`, read by eval / sample / export only for the
+    built-in base (and `cache_dir` by every command for the compilation cache, before it
+    runs); what eval / sample / export take from the run's record (`cli.INHERITED`).
+    """
+    run_args = ["--base", str(base_dir), "--run-dir", str(trained)]
+    argvs = {
+        "pretrain": [
+            *("pretrain", "--base", "micro", "--run-dir", str(tmp_path / "pre")),
+            *("--steps", "2", "--eval-every", "2", "--eval-batches", "1", *FAST),
+        ],
+        "eval": ["eval", *run_args, "--eval-batches", "1"],
+        "sample": ["sample", *run_args, "--max-new-tokens", "4"],
+        "export": ["export", *run_args, "--lora-out", str(tmp_path / "out")],
+    }
+    for command, argv in argvs.items():
+        read = _fields_read(monkeypatch, argv)
+        listed = {f.field for f in cli.flags_of(command)}
+        assert listed - {"cache_dir", "progress"} <= read, command
+        assert read <= listed | set(cli.INHERITED), command
 
 
 def test_user_errors_are_one_line(base_dir, code_dir, tmp_path, capsys):
@@ -350,7 +573,7 @@ def test_user_errors_are_one_line(base_dir, code_dir, tmp_path, capsys):
     assert "--strategy" in _error(
         capsys, "--base", str(base_dir), "--strategy", "jit", "--devices", "2"
     )
-    assert "no adapter" in _error(
+    err = _error(
         capsys,
         "export",
         "--base",
@@ -360,6 +583,7 @@ def test_user_errors_are_one_line(base_dir, code_dir, tmp_path, capsys):
         "--lora-out",
         str(tmp_path / "o"),
     )
+    assert f"{tmp_path / 'none'} does not exist" in err
 
 
 @pytest.mark.slow
@@ -439,8 +663,8 @@ def test_two_processes_train_what_one_process_trains(base_dir, code_dir, tmp_pat
     )
     exported = tmp_path / "exported"
     assert run("export", "--run-dir", str(many), "--lora-out", str(exported)) == 0
-    got, _ = lj.load_adapter(exported)
-    want, _ = lj.load_adapter(one / "adapter")
+    got = lj.load_adapter(exported)
+    want = lj.load_adapter(one / "adapter")
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 

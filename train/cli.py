@@ -1,28 +1,50 @@
 """``python -m train`` / ``lora-jax-train``: fine-tune a language model with LoRA.
 
 Parses the command line: flags override a ``--config`` file, which overrides what the run
-in ``--run-dir`` recorded (for eval, sample and export), which overrides the defaults.
-Prepares devices and processes *before* JAX starts (``--devices`` simulates CPU devices),
-runs a subcommand, and turns user mistakes into one line on stderr and exit status 2
-(``--debug`` shows the traceback).
+in ``--run-dir`` recorded (for eval, sample and export), which overrides the command's
+defaults. `FLAGS` is the one table of settings on the command line: each command offers
+only the flags it reads, with its own defaults, and a flag or config-file key it does not
+read is an error. Prepares devices and processes *before* JAX starts (``--devices``
+simulates CPU devices), runs a subcommand, and turns user mistakes into one line on
+stderr and exit status 2 (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import glob
 import json
 import os
+import pathlib
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 
-from train.settings import COMMANDS, Settings, UserError, read_config_file, resolve
+from train.settings import (
+    COMMANDS,
+    DTYPES,
+    STRATEGIES,
+    Settings,
+    UserError,
+    read_config_file,
+    resolve,
+)
 
-__all__ = ["build_parser", "main"]
+__all__ = ["FLAGS", "Flag", "build_parser", "flags_of", "main"]
 
-_DEFAULTS = Settings()
+SUMMARIES = {
+    "finetune": "train LoRA adapters on a base model (the built-in one or a HF folder)",
+    "pretrain": "train the built-in tiny base model from scratch (all weights)",
+    "eval": "eval loss of the base and of a fine-tuned run's adapter",
+    "sample": "continue --prompt with the base and the adapted model (KV cache)",
+    "export": "write the adapter (--lora-out), a PEFT adapter (--peft-out), or merged "
+    "weights as a HuggingFace folder (--merged-out)",
+}
 
 DESCRIPTION = """\
 Fine-tune a language model with LoRA (lora_jax).
@@ -31,13 +53,8 @@ With no arguments: pretrain a tiny Llama-style model on English prose that ships
 Python (cached after the first run), adapt it with LoRA to Python source code of the
 standard library, and report eval losses, speed, adapter size and samples.
 
-commands (finetune is the default):
-  finetune   train LoRA adapters on a base model (the built-in one or a HF folder)
-  pretrain   train the built-in tiny base model from scratch (all weights)
-  eval       eval loss of the base, and of the run's adapter if it has one
-  sample     continue --prompt with the base and the adapted model (KV cache)
-  export     write the adapter (--lora-out), a PEFT adapter (--peft-out), or merged
-             weights as a HuggingFace folder (--merged-out)
+COMMAND is finetune when left out; `python -m train COMMAND --help` lists the flags
+COMMAND reads, with its defaults.
 
 examples:
   python -m train                                   # the built-in demo (a few minutes, CPU)
@@ -48,163 +65,264 @@ examples:
   python -m train finetune --strategy mesh --devices 4   # 4 simulated CPU devices
 """
 
+# Which commands read a setting.
+ALL = COMMANDS
+FINETUNE = ("finetune",)
+TRAINING = ("finetune", "pretrain")
+DATA = ("finetune", "pretrain", "eval")
+LOADING = ("finetune", "eval", "sample", "export")  # they load a base model
+SAMPLING = ("finetune", "sample")  # finetune ends with a sample
+FROM_RUN = ("eval", "sample", "export")  # they read a finished finetune run
+EXPORT = ("export",)
 
-def _opt(group: Any, flag: str | tuple[str, ...], field: str, help: str, **kw: Any) -> None:
-    default = getattr(_DEFAULTS, field)
-    shown = f" (default: {default})" if default not in (None, (), False, "runs/finetune") else ""
-    flags = (flag,) if isinstance(flag, str) else flag
-    group.add_argument(*flags, dest=field, help=help + shown, default=argparse.SUPPRESS, **kw)
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One setting on the command line.
+
+    Attributes:
+        field: the `Settings` field it sets; the field's type makes it a number, a string,
+            a list of paths, or a switch that turns the command's default over.
+        commands: the commands that read it; only their parsers offer it.
+        group: its section in ``--help``.
+        help: what it does.
+        names: its flags (default: ``--field-name``).
+        choices: the values it takes, when only some.
+        per_command: the help for a command that reads it differently.
+        recorded: eval, sample and export take it from the run they read (``run.json``).
+        show_default: whether ``--help`` shows the command's default.
+    """
+
+    field: str
+    commands: tuple[str, ...]
+    group: str
+    help: str
+    names: tuple[str, ...] = ()
+    choices: tuple[str, ...] | None = None
+    per_command: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    recorded: bool = False
+    show_default: bool = True
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Its flags, the first one the main one."""
+        return self.names or ("--" + self.field.replace("_", "-"),)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+# One row per setting on the command line; `python -m train COMMAND --help` lists the rows
+# whose commands hold COMMAND, in this order. (Laid out as a table, not by the formatter.)
+# fmt: off
+FLAGS = (
+    Flag("base", ALL, "model and data",
+         "`tiny` (built-in, cached), a HF checkpoint folder, or a folder from `pretrain`",
+         per_command={"pretrain": "the preset model to train from scratch: `tiny` or `micro`"},
+         recorded=True),
+    Flag("tokenizer", ALL, "model and data", "`auto` (the base's own), `byte`, or a tokenizer.json",
+         per_command={"pretrain": "`auto` (= `byte`), `byte`, or a tokenizer.json"},
+         recorded=True),
+    Flag("cache_dir", ALL, "model and data",
+         "where the built-in base and compiled steps are cached", recorded=True),
+    Flag("data", DATA, "model and data", "text files, folders, .jsonl files, or built-ins "
+         "`stdlib` (Python code) / `pydoc` (English prose)", recorded=True),
+    Flag("eval_data", DATA, "model and data", "held-out data; without it, the built-in held-out "
+         "split, or every 20th window of --data", recorded=True),
+    Flag("seq_len", DATA, "model and data", "tokens per sequence", recorded=True),
+    Flag("scan_layers", LOADING, "model and data",
+         "run the layers as one nn.scan (faster compile)", recorded=True),
+    Flag("dtype", ALL, "model and data", "weights and compute dtype", choices=DTYPES,
+         recorded=True),
+    Flag("run_dir", ALL, "run", "the finetune run to read; without it, the latest "
+         "runs/finetune-*", show_default=False, per_command={
+             "finetune": "folder for checkpoints, metrics.jsonl, loss.png, adapter/; without "
+             "it, a new runs/finetune-<time> (with --resume, the latest runs/finetune-*)",
+             "pretrain": "folder to save the base model in; without it, a new "
+             "runs/pretrain-<time>"}),
+    Flag("adapter", FROM_RUN, "run",
+         "adapter folder; without it, <run-dir>/adapter, else the run's latest checkpoint"),
+    Flag("resume", FINETUNE, "run", "continue the run in --run-dir from its latest checkpoint"),
+    Flag("steps", TRAINING, "run", "training steps"),
+    Flag("batch_size", DATA, "run", "global batch size (sequences per step)",
+         per_command={"eval": "sequences per eval batch"}),
+    Flag("seed", ("finetune", "pretrain", "sample"), "run",
+         "seed for init, data order, dropout and sampling",
+         per_command={"pretrain": "seed for init and data order", "sample": "seed for sampling"}),
+    Flag("lr", TRAINING, "run", "peak learning rate (linear warmup, then cosine)"),
+    Flag("warmup_steps", TRAINING, "run", "warmup steps"),
+    Flag("min_lr_ratio", TRAINING, "run", "final lr as a fraction of --lr"),
+    Flag("weight_decay", TRAINING, "run", "AdamW weight decay of the adapters",
+         per_command={"pretrain": "AdamW weight decay of the weight matrices"}),
+    Flag("clip_norm", TRAINING, "run", "clip gradients to this global norm (0: off)",
+         recorded=True),
+    Flag("accum_steps", FINETUNE, "run", "gradient accumulation micro-batches"),
+    Flag("eval_every", TRAINING, "run", "evaluate every N steps"),
+    Flag("eval_batches", DATA, "run", "held-out batches per evaluation"),
+    Flag("log_every", TRAINING, "run", "log the train loss every N steps"),
+    Flag("save_every", FINETUNE, "run", "checkpoint every N steps"),
+    Flag("keep", FINETUNE, "run", "checkpoints to keep"),
+    Flag("progress", ALL, "run",
+         "plain log lines instead of progress bars (default: progress bars on)",
+         names=("--no-progress",), per_command=dict.fromkeys(FROM_RUN,
+             "plain log lines instead of progress bars while the built-in base is first "
+             "pretrained (default: progress bars on)")),
+    Flag("compare_full", FINETUNE, "run", "also run a full fine-tune for comparison"),
+    Flag("full_lr", FINETUNE, "run", "peak lr of the full fine-tune"),
+    Flag("rank", FINETUNE, "LoRA", "adapter rank r", recorded=True),
+    Flag("alpha", FINETUNE, "LoRA", "scale numerator: s = alpha / r", recorded=True),
+    Flag("targets", FINETUNE, "LoRA", "`all-linear`, `attention`, or a regex over param paths",
+         recorded=True),
+    Flag("dropout", FINETUNE, "LoRA", "LoRA dropout on the adapter input", recorded=True),
+    Flag("rslora", FINETUNE, "LoRA", "scale by alpha / sqrt(r)", recorded=True),
+    Flag("strategy", FINETUNE, "devices and processes",
+         "jit (one device), pmap or mesh (data parallel)", choices=STRATEGIES),
+    Flag("devices", FINETUNE, "devices and processes",
+         "devices per process (on CPU: simulated); without it, every local device (jit: one)"),
+    Flag("coordinator", FINETUNE, "devices and processes",
+         "host:port of process 0 (multi-process runs)"),
+    Flag("num_processes", FINETUNE, "devices and processes", "processes in the run"),
+    Flag("process_id", FINETUNE, "devices and processes", "this process's index"),
+    Flag("prompt", SAMPLING, "sampling", "text to continue"),
+    Flag("max_new_tokens", SAMPLING, "sampling", "tokens to generate"),
+    Flag("temperature", SAMPLING, "sampling", "0 is greedy"),
+    Flag("top_k", SAMPLING, "sampling", "sample among the k most likely tokens"),
+    Flag("merged", SAMPLING, "sampling", "sample from merged weights instead of the factored path"),
+    Flag("out_adapter", EXPORT, "export", "write the adapter (lora_jax format) here",
+         names=("--lora-out",)),
+    Flag("out_merged", EXPORT, "export", "write merged weights as a HF checkpoint folder here",
+         names=("--merged-out",)),
+    Flag("out_peft", EXPORT, "export",
+         "write a HuggingFace PEFT adapter (adapter_config.json + safetensors) here",
+         names=("--peft-out", "--peft")),
+)
+# fmt: on
+
+# What eval / sample / export take from the run's run.json (the model, the data, and what
+# shapes its adapters and optimizer state).
+INHERITED = tuple(f.field for f in FLAGS if f.recorded)
+_TYPES = typing.get_type_hints(Settings)
+
+
+def flags_of(command: str) -> tuple[Flag, ...]:
+    """The flags `command` offers (the settings it reads), in ``--help`` order.
+
+    Example:
+        >>> [f.flags[0] for f in flags_of("export")][-3:]
+        ['--lora-out', '--merged-out', '--peft-out']
+    """
+    return tuple(f for f in FLAGS if command in f.commands)
+
+
+def _shown(value: Any) -> str:
+    """A default as ``--help`` shows it ("" for none, or a switch's)."""
+    if value is None or isinstance(value, bool):
+        return ""
+    if isinstance(value, tuple):
+        return " ".join(value)
+    if isinstance(value, str) and value != value.strip():
+        return repr(value)
+    return str(value)
+
+
+def _help(flag: Flag, command: str, default: Any) -> str:
+    text = flag.per_command.get(command, flag.help)
+    shown = _shown(default) if flag.show_default else ""
+    if flag.recorded and command in FROM_RUN:
+        text += f" (default: the run's{', else ' + shown if shown else ''})"
+    elif shown:
+        text += f" (default: {shown})"
+    return text.replace("%", "%%")
+
+
+def _kind(flag: Flag, default: Any) -> dict[str, Any]:
+    """How argparse reads the flag, from its `Settings` field's type."""
+    hint = _TYPES[flag.field]
+    optional = typing.get_origin(hint) in (types.UnionType, typing.Union)  # `int | None`
+    kind = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
+    if kind is bool:
+        return {"action": "store_false" if default else "store_true"}
+    if typing.get_origin(kind) is tuple:
+        return {"nargs": "+"}
+    if flag.choices:
+        return {"type": kind, "choices": flag.choices}
+    return {"type": kind, "metavar": flag.flags[0][2:].upper().replace("-", "_")}
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parser whose errors are `UserError`s (one line on stderr, exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (`{self.prog} --help` lists the flags)")
+
+
+def _add_flags(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--config", help="YAML or JSON file of settings; flags override it")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    m = p.add_argument_group("model and data")
-    _opt(
-        m,
-        "--base",
-        "base",
-        "`tiny` (built-in, cached), a HF checkpoint folder, or a folder from `pretrain`",
-    )
-    _opt(m, "--tokenizer", "tokenizer", "`auto` (the base's own), `byte`, or a tokenizer.json")
-    _opt(m, "--cache-dir", "cache_dir", "where the built-in base is cached")
-    _opt(
-        m,
-        "--data",
-        "data",
-        "text files, folders, .jsonl files, or built-ins `stdlib` "
-        "(Python code) / `pydoc` (English prose)",
-        nargs="+",
-    )
-    _opt(
-        m,
-        "--eval-data",
-        "eval_data",
-        "held-out data (default: the built-in held-out split, or every 20th window of --data)",
-        nargs="+",
-    )
-    _opt(m, "--seq-len", "seq_len", "tokens per training sequence", type=int)
-    _opt(
-        m,
-        "--scan-layers",
-        "scan_layers",
-        "run the layers as one nn.scan (faster compile)",
-        action="store_true",
-    )
-    _opt(m, "--dtype", "dtype", "weights and compute dtype", choices=["float32", "bfloat16"])
-    r = p.add_argument_group("run")
-    _opt(
-        r,
-        "--run-dir",
-        "run_dir",
-        "folder for checkpoints, metrics.jsonl, loss.png, adapter/ "
-        "(default: a new runs/<command>-<time>; eval/sample/export/--resume: the latest "
-        "runs/finetune-*)",
-    )
-    _opt(
-        r,
-        "--resume",
-        "resume",
-        "continue the run in --run-dir from its latest checkpoint",
-        action="store_true",
-    )
-    _opt(r, "--steps", "steps", "training steps", type=int)
-    _opt(r, "--batch-size", "batch_size", "global batch size (sequences per step)", type=int)
-    _opt(r, "--seed", "seed", "seed for init, data order, dropout and sampling", type=int)
-    _opt(r, "--lr", "lr", "peak learning rate (linear warmup, then cosine)", type=float)
-    _opt(r, "--warmup-steps", "warmup_steps", "warmup steps", type=int)
-    _opt(r, "--min-lr-ratio", "min_lr_ratio", "final lr as a fraction of --lr", type=float)
-    _opt(r, "--weight-decay", "weight_decay", "AdamW weight decay (adapters only)", type=float)
-    _opt(r, "--clip-norm", "clip_norm", "clip gradients to this global norm (0: off)", type=float)
-    _opt(r, "--accum-steps", "accum_steps", "gradient accumulation micro-batches", type=int)
-    _opt(r, "--eval-every", "eval_every", "evaluate every N steps", type=int)
-    _opt(r, "--eval-batches", "eval_batches", "held-out batches per evaluation", type=int)
-    _opt(r, "--log-every", "log_every", "log the train loss every N steps", type=int)
-    _opt(r, "--save-every", "save_every", "checkpoint every N steps", type=int)
-    _opt(r, "--keep", "keep", "checkpoints to keep", type=int)
-    _opt(
-        r,
-        "--no-progress",
-        "progress",
-        "plain log lines instead of a progress bar",
-        action="store_false",
-    )
-    _opt(
-        r,
-        "--compare-full",
-        "compare_full",
-        "also run a full fine-tune for comparison",
-        action="store_true",
-    )
-    _opt(r, "--full-lr", "full_lr", "peak lr of the full fine-tune", type=float)
-    lo = p.add_argument_group("LoRA")
-    _opt(lo, "--rank", "rank", "adapter rank r", type=int)
-    _opt(lo, "--alpha", "alpha", "scale numerator: s = alpha / r", type=float)
-    _opt(lo, "--targets", "targets", "`all-linear`, `attention`, or a regex over param paths")
-    _opt(lo, "--dropout", "dropout", "LoRA dropout on the adapter input", type=float)
-    _opt(lo, "--rslora", "rslora", "scale by alpha / sqrt(r)", action="store_true")
-    d = p.add_argument_group("devices and processes")
-    _opt(
-        d,
-        "--strategy",
-        "strategy",
-        "jit (one device), pmap or mesh (data parallel)",
-        choices=["jit", "pmap", "mesh"],
-    )
-    _opt(d, "--devices", "devices", "devices per process (on CPU: simulated)", type=int)
-    _opt(d, "--coordinator", "coordinator", "host:port of process 0 (multi-process runs)")
-    _opt(d, "--num-processes", "num_processes", "processes in the run", type=int)
-    _opt(d, "--process-id", "process_id", "this process's index", type=int)
-    sa = p.add_argument_group("sampling")
-    _opt(sa, "--prompt", "prompt", "text to continue")
-    _opt(sa, "--max-new-tokens", "max_new_tokens", "tokens to generate", type=int)
-    _opt(sa, "--temperature", "temperature", "0 is greedy", type=float)
-    _opt(sa, "--top-k", "top_k", "sample among the k most likely tokens", type=int)
-    _opt(
-        sa,
-        "--merged",
-        "merged",
-        "sample from merged weights instead of the factored path",
-        action="store_true",
-    )
-    _opt(sa, "--adapter", "adapter", "adapter folder (default: <run-dir>/adapter)")
-    ex = p.add_argument_group("export")
-    _opt(ex, "--lora-out", "out_adapter", "write the adapter (lora_jax format) here")
-    _opt(ex, "--merged-out", "out_merged", "write merged weights as a HF checkpoint folder")
-    _opt(
-        ex,
-        ("--peft-out", "--peft"),
-        "out_peft",
-        "write a HuggingFace PEFT adapter (adapter_config.json + safetensors) here",
-    )
+    defaults = resolve(command, {}, {})
+    groups: dict[str, Any] = {}
+    for flag in flags_of(command):
+        if flag.group not in groups:
+            groups[flag.group] = p.add_argument_group(flag.group)
+        default = getattr(defaults, flag.field)
+        groups[flag.group].add_argument(
+            *flag.flags,
+            dest=flag.field,
+            default=argparse.SUPPRESS,
+            help=_help(flag, command, default),
+            **_kind(flag, default),
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser: one subparser per command, all sharing the options.
+    """The argument parser: one subparser per command, each with the flags it reads.
 
     Example:
         >>> ns = build_parser().parse_args(["pretrain", "--steps", "5"])
         >>> ns.command, ns.steps
         ('pretrain', 5)
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m train",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         sp = sub.add_parser(
-            name,
-            help=f"see `python -m train {name} --help`",
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            name, help=SUMMARIES[name], description=SUMMARIES[name], allow_abbrev=False
         )
-        _common(sp)
+        _add_flags(sp, name)
     return parser
+
+
+def _and(names: Sequence[str]) -> str:
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def _not_taken(command: str, extras: Sequence[str]) -> str:
+    """The error for what `command` does not take: a flag of another command, an unknown
+    flag, or a stray argument."""
+    see = f"`python -m train {command} --help` lists its flags"
+    name = next((a for a in extras if a.startswith("-")), extras[0]).split("=", 1)[0]
+    other = next((f for f in FLAGS if name in f.flags), None)
+    if other is not None:
+        return f"`{command}` does not read {name}, a flag of {_and(other.commands)}; {see}."
+    if not name.startswith("-"):
+        first = (
+            f" (the command comes first: python -m train {name} ...)" if name in COMMANDS else ""
+        )
+        return f"unexpected argument {name!r}{first}; {see}."
+    offered = ["--config", "--debug", *(n for f in flags_of(command) for n in f.flags)]
+    near = difflib.get_close_matches(name, offered, n=1)
+    hint = f" Did you mean {near[0]}?" if near else ""
+    return f"unknown flag {name} for `{command}`; {see}.{hint}"
 
 
 def parse(argv: Sequence[str]) -> tuple[Settings, bool]:
     """Settings from the command line (a missing command means ``finetune``).
+
+    Raises:
+        UserError: a flag or config-file key the command does not read, a bad value, or
+            (eval, sample, export) a run folder with no fine-tuned run in it.
 
     Example:
         >>> s, debug = parse(["--steps", "3"])
@@ -214,17 +332,57 @@ def parse(argv: Sequence[str]) -> tuple[Settings, bool]:
     args = list(argv)
     if not args or (args[0] not in COMMANDS and args[0] not in ("-h", "--help")):
         args.insert(0, "finetune")
-    ns = vars(build_parser().parse_args(args))
-    command, config_file, debug = ns.pop("command"), ns.pop("config", None), ns.pop("debug")
+    ns, extras = build_parser().parse_known_args(args)
+    flags = vars(ns)
+    command = flags.pop("command")
+    if extras:
+        raise UserError(_not_taken(command, extras))
+    config_file, debug = flags.pop("config", None), flags.pop("debug")
     file_values = read_config_file(config_file) if config_file else {}
-    if "run_dir" not in ns and "run_dir" not in file_values:
-        if ns.get("num_processes", file_values.get("num_processes", 1)) > 1:
+    reads = {f.field for f in flags_of(command)}
+    if "run_dir" not in flags and "run_dir" not in file_values:
+        processes = flags.get("num_processes", file_values.get("num_processes", 1))
+        if "num_processes" in reads and processes > 1:
             raise UserError("multi-process runs need the same --run-dir in every process.")
-        ns["run_dir"] = default_run_dir(command, bool(ns.get("resume")))
-    if command in ("eval", "sample", "export"):  # the run's own base and data by default
-        run_dir = str(ns.get("run_dir", file_values.get("run_dir")))
-        file_values = {**run_settings(run_dir), **file_values}
-    return resolve(command, file_values, ns), debug
+        flags["run_dir"] = default_run_dir(command, bool(flags.get("resume")))
+    recorded = {}
+    if command in FROM_RUN:  # the run's own base and data by default
+        recorded = run_settings(str(flags.get("run_dir", file_values.get("run_dir"))))
+    s = resolve(command, file_values, flags, recorded=recorded, reads=reads)
+    if command in FROM_RUN:
+        check_run(s)
+    return s, debug
+
+
+# What a finetune run leaves in its folder (`train.finetune.ADAPTER` and `CHECKPOINTS`;
+# named here too so that parsing does not import JAX).
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def check_run(s: Settings) -> None:
+    """eval, sample and export read a fine-tuned run: ``--run-dir`` must hold its adapter
+    or checkpoints, unless ``--adapter`` names the adapter.
+
+    Raises:
+        UserError: naming the folder and what to pass instead.
+
+    Example:
+        >>> check_run(Settings(command="sample", run_dir="/nonexistent"))
+        Traceback (most recent call last):
+        train.settings.UserError: `sample` reads a fine-tuned run, and /nonexistent does not ...
+    """
+    if s.adapter:
+        return
+    run = pathlib.Path(s.run_dir)
+    checkpoints = run / CHECKPOINTS_DIR
+    if (run / ADAPTER_DIR).is_dir() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return
+    found = "holds no adapter/ and no checkpoints/" if run.is_dir() else "does not exist"
+    raise UserError(
+        f"`{s.command}` reads a fine-tuned run, and {run} {found}: pass --run-dir DIR of a "
+        "`python -m train finetune` run, or --adapter DIR."
+    )
 
 
 def default_run_dir(command: str, resume: bool, root: str = "runs") -> str:
@@ -245,26 +403,6 @@ def default_run_dir(command: str, resume: bool, root: str = "runs") -> str:
     return os.path.dirname(runs[-1]) if runs else f"{root}/finetune"
 
 
-# What eval / sample / export take from the run's run.json (the model, the data, and what
-# shapes its adapters and optimizer state).
-INHERITED = (
-    "base",
-    "tokenizer",
-    "cache_dir",
-    "data",
-    "eval_data",
-    "seq_len",
-    "dtype",
-    "scan_layers",
-    "rank",
-    "alpha",
-    "targets",
-    "dropout",
-    "rslora",
-    "clip_norm",
-)
-
-
 def run_settings(run_dir: str) -> dict[str, Any]:
     """The model and data settings a finished run recorded (``run.json``), if any.
 
@@ -279,7 +417,10 @@ def run_settings(run_dir: str) -> dict[str, Any]:
         with open(path) as f:
             record = json.load(f)
     except (OSError, ValueError) as err:
-        raise UserError(f"{path} is damaged ({err}); pass the settings as flags.") from None
+        raise UserError(
+            f"{path} is damaged ({err}); repair it, or remove it and pass --base (and, for "
+            "eval, --data) as flags."
+        ) from None
     return {k: record[k] for k in INHERITED if k in record}
 
 

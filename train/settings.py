@@ -1,8 +1,9 @@
-"""Run settings: built-in defaults, then a YAML/JSON config file, then command-line flags.
+"""Run settings: built-in defaults, what a finished run recorded, a YAML/JSON config file,
+then command-line flags.
 
-`Settings` is the one record of what a run does; `resolve` layers the three sources (later
-wins) and checks every value, so a typo in a config file is an error that names the key,
-not a silently ignored setting.
+`Settings` is the one record of what a run does; `resolve` layers the sources (later wins)
+and checks every value, so a typo in a config file, or a setting the command does not
+read, is an error that names the key, not a silently ignored setting.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import difflib
 import json
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 __all__ = ["COMMANDS", "Settings", "UserError", "default_cache_dir", "read_config_file", "resolve"]
@@ -106,6 +107,8 @@ class Settings:
 
 
 # Defaults that differ per command (pretraining trains every weight, longer, from scratch).
+# This is also the built-in base's recipe, hashed into its cache folder's name: `save_every`
+# stays in it for that hash only (pretrain writes no checkpoints).
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {
         "data": ("pydoc",),
@@ -221,36 +224,67 @@ def _coerce(name: str, value: Any, field: dataclasses.Field) -> Any:
     return value
 
 
-def resolve(command: str, file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> Settings:
-    """Layers defaults, the command's defaults, a config file and flags (later wins).
+def resolve(
+    command: str,
+    file_values: Mapping[str, Any],
+    flags: Mapping[str, Any],
+    *,
+    recorded: Mapping[str, Any] | None = None,
+    reads: Collection[str] | None = None,
+) -> Settings:
+    """Layers defaults, the command's defaults, a run's record, a config file and flags
+    (later wins).
 
     Args:
         command: one of `COMMANDS`.
         file_values: settings from `read_config_file` (may be empty).
         flags: settings given on the command line.
+        recorded: settings a finished run recorded (eval, sample and export take the
+            model, data and adapter shape of the run they read); not checked against `reads`.
+        reads: the settings `command` reads; a config-file key or flag outside them is an
+            error. None: every setting.
 
     Returns:
         The checked `Settings`.
 
     Raises:
-        UserError: an unknown key (with the closest known one) or an invalid value.
+        UserError: an unknown key, or one the command does not read (with the closest
+            valid one), or an invalid value.
 
     Example:
         >>> resolve("pretrain", {"steps": 50}, {"steps": 7}).steps
         7
         >>> resolve("pretrain", {}, {}).data
         ('pydoc',)
+        >>> resolve("sample", {"stpes": 3}, {}, reads={"seed", "steps"})
+        Traceback (most recent call last):
+        train.settings.UserError: unknown setting `stpes` in the config file. Did you mean `steps`?
     """
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    fields = {f.name: f for f in dataclasses.fields(Settings) if f.name != "command"}
+    valid = list(fields) if reads is None else [n for n in fields if n in reads]
     values: dict[str, Any] = dict(COMMAND_DEFAULTS.get(command, {}))
+    for name, value in (recorded or {}).items():
+        values[name] = _coerce(name, value, fields[name])
     for source, mapping in (("config file", file_values), ("flags", flags)):
         for name, value in mapping.items():
-            if name not in fields or name == "command":
-                near = difflib.get_close_matches(name, list(fields), n=1)
-                hint = f" Did you mean `{near[0]}`?" if near else ""
-                raise UserError(f"unknown setting `{name}` in the {source}.{hint}")
+            _check_name(name, source, command, list(fields), valid)
             values[name] = _coerce(name, value, fields[name])
     try:
         return Settings(command=command, **values)
     except TypeError as err:
         raise UserError(f"bad setting: {err}") from None
+
+
+def _check_name(name: str, source: str, command: str, known: list[str], valid: list[str]) -> None:
+    if name in valid:
+        return
+    near = difflib.get_close_matches(name, valid, n=1)
+    if name not in known:
+        near = near or difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean `{near[0]}`?" if near else ""
+    if name not in known:
+        raise UserError(f"unknown setting `{name}` in the {source}.{hint}")
+    raise UserError(
+        f"`{command}` does not read `{name}` (set in the {source}); remove it, or see "
+        f"`python -m train {command} --help` for what it reads.{hint}"
+    )
