@@ -132,7 +132,8 @@ def lora_apply(apply_fn: Callable[..., Any], *, deterministic: bool = False) -> 
         >>> import jax, jax.numpy as jnp, flax.linen as nn, lora_jax as lj
         >>> model, x = nn.Dense(3), jnp.ones((2, 4))
         >>> variables = model.init(jax.random.key(0), x)
-        >>> frozen, lora = lj.split(variables, lj.LoraConfig(targets=".*"), key=jax.random.key(1))
+        >>> config = lj.LoraConfig(rank=2, targets=".*/kernel")
+        >>> frozen, lora = lj.split(variables, config, key=jax.random.key(1))
         >>> lj.linen.lora_apply(model.apply)(frozen, lora, x).shape
         (2, 3)
     """
@@ -184,7 +185,8 @@ def routes(
         >>> import jax, jax.numpy as jnp, flax.linen as nn, lora_jax as lj
         >>> model, x = nn.Dense(3), jnp.ones((2, 4))
         >>> variables = model.init(jax.random.key(0), x)
-        >>> frozen, lora = lj.split(variables, lj.LoraConfig(targets=".*"), key=jax.random.key(1))
+        >>> config = lj.LoraConfig(rank=2, targets=".*/kernel")
+        >>> frozen, lora = lj.split(variables, config, key=jax.random.key(1))
         >>> lj.linen.routes(model.apply, frozen, lora, x)
         {'params/kernel': 'factored (Dense)'}
     """
