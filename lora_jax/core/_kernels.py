@@ -23,7 +23,7 @@ from jax import lax
 
 from lora_jax.core._layout import Layout
 
-__all__ = ["LowRank", "dense", "einsum", "einsum_plan", "embed", "conv"]
+__all__ = ["LowRank", "conv", "conv_fn", "conv_of", "dense", "einsum", "einsum_plan", "embed"]
 
 Delta = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
 # (x, a, b, scale, rows): a and b carry a leading adapter axis of size k, scale and rows
@@ -275,3 +275,17 @@ def conv(conv_with: Callable[[jax.Array, jax.Array], jax.Array], n_window: int) 
         return y.reshape(*h.shape[:-1], b.shape[-1])
 
     return LowRank(layout, delta, mixed)
+
+
+def conv_of(layer: Any, window: Sequence[int]) -> LowRank:
+    """The entry of a Flax ``Conv`` layer (linen or NNX: the same attribute names, read
+    here once): its own strides, padding, dilations and precision, any kernel."""
+    conv_with = conv_fn(
+        window,
+        strides=layer.strides,
+        padding=layer.padding,
+        input_dilation=layer.input_dilation,
+        kernel_dilation=layer.kernel_dilation,
+        precision=layer.precision,
+    )
+    return conv(conv_with, len(window))

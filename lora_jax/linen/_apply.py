@@ -16,7 +16,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.core._abstract import eval_shape
@@ -27,9 +26,9 @@ from lora_jax.linen._inject import (
     B_SUFFIX,
     adapted,
     check_variables,
-    dropout,
     dropout_rates,
     inject,
+    layer_input,
 )
 
 __all__ = ["lora_apply", "routes", "plan"]
@@ -47,10 +46,7 @@ def _interceptor(
         module, site, a, b, path, x = found
         seen[path] = type(module).__name__
         y = next_fun(*args, **kwargs)
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            x = x.astype(y.dtype)
-            if rates.get(path, 0.0) > 0.0:
-                x = dropout(module, path, x, rates[path])
+        x = layer_input(module, path, x, y.dtype, rates.get(path, 0.0))
         d = site.low_rank.delta(x, a.astype(y.dtype), b.astype(y.dtype), adapters[path].scale)
         return y + d.astype(y.dtype)
 

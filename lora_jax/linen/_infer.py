@@ -16,12 +16,8 @@ __all__ = ["infer_layouts"]
 
 
 def infer_layouts(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: Any) -> dict:
-    """Learns the layout of every kernel the model's Flax linen layers use, without running it.
-
-    Traces ``apply_fn(variables, *args, **kwargs)`` with `jax.eval_shape` (no FLOPs) and
-    records, for each `nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`, `nn.Embed` and `nn.Conv`
-    call, the kernel's path, module kind and axes. A kernel with more axes than the layer
-    sees (from `nn.scan` or `nn.vmap`) gets leading stack axes.
+    """The linen half of `lora_jax.infer_layouts`: one abstract trace, recording each
+    supported layer's kernel path and axes (leading stack axes from `nn.scan`/`nn.vmap`).
 
     Args:
         apply_fn: the model's apply function, e.g. ``model.apply``.
@@ -30,21 +26,17 @@ def infer_layouts(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kw
         **kwargs: keyword arguments for `apply_fn` (``rngs``, ``method``...).
 
     Returns:
-        ``{path: Layout}`` for every kernel seen; pass it to `lora_jax.split` as
-        ``layouts=``.
+        ``{path: Layout}`` for every kernel seen.
 
     Raises:
         ValueError: when a kernel's recorded shape does not fit the stored parameter.
 
     Example:
-        >>> import jax, jax.numpy as jnp, flax.linen as nn
-        >>> import lora_jax as lj
-        >>> model = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
-        >>> x = jnp.ones((1, 3, 8))
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, lora_jax as lj
+        >>> model, x = nn.DenseGeneral((2, 4)), jnp.ones((1, 8))
         >>> variables = model.init(jax.random.key(0), x)
-        >>> layouts = lj.infer_layouts(model.apply, variables, x)
-        >>> layouts["params/query/kernel"]
-        Layout(kind='dense', in_axes=(0,), out_axes=(1, 2), stack_axes=())
+        >>> lj.linen.infer_layouts(model.apply, variables, x)["params/kernel"].out_axes
+        (1, 2)
     """
     seen: dict[str, tuple[Layout, tuple[int, ...]]] = {}
 

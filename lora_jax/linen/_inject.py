@@ -55,6 +55,15 @@ def dropout(module: nn.Module, path: str, x: jax.Array, rate: float) -> jax.Arra
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def layer_input(module: nn.Module, path: str, x: Any, dtype: Any, rate: float) -> Any:
+    """The low-rank path's input: a float input cast to the layer output's dtype, with LoRA
+    dropout at `rate` (integer inputs, such as token ids, pass unchanged)."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    x = x.astype(dtype)
+    return dropout(module, path, x, rate) if rate > 0.0 else x
+
+
 def adapted(
     context: Any, args: tuple, kwargs: dict
 ) -> tuple[nn.Module, Site, Any, Any, str, Any] | None:

@@ -19,7 +19,14 @@ import numpy as np
 
 from lora_jax.core._paths import flatten
 from lora_jax.core._weights import flatten_lora, unstacked_shapes
-from lora_jax.linen._inject import A_SUFFIX, B_SUFFIX, adapted, dropout, dropout_rates, inject
+from lora_jax.linen._inject import (
+    A_SUFFIX,
+    B_SUFFIX,
+    adapted,
+    dropout_rates,
+    inject,
+    layer_input,
+)
 
 __all__ = ["lora_apply_mixed"]
 
@@ -67,10 +74,7 @@ def _interceptor(
             )
         seen[path] = type(module).__name__
         y = next_fun(*args, **kwargs)
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            x = x.astype(y.dtype)
-            if rates.get(path, 0.0) > 0.0:
-                x = dropout(module, path, x, rates[path])
+        x = layer_input(module, path, x, y.dtype, rates.get(path, 0.0))
         scale = (gate * jnp.take(scales[path], rows)).astype(y.dtype)
         d = site.low_rank.mixed(x, a.astype(y.dtype), b.astype(y.dtype), scale, rows)
         return y + d.astype(y.dtype)

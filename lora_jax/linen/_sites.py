@@ -14,7 +14,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from lora_jax.core._kernels import LowRank, conv, conv_fn, dense, einsum, embed
+from lora_jax.core._kernels import LowRank, conv_of, dense, einsum, embed
 
 __all__ = ["Site", "site", "kernel_path"]
 
@@ -54,15 +54,7 @@ def _conv(module: Any, x: Any) -> Site | None:
         return None
     size = module.kernel_size
     window = (size,) if isinstance(size, int) else tuple(size)
-    conv_with = conv_fn(
-        window,
-        strides=module.strides,
-        padding=module.padding,
-        input_dilation=module.input_dilation,
-        kernel_dilation=module.kernel_dilation,
-        precision=module.precision,
-    )
-    entry = conv(conv_with, len(window))
+    entry = conv_of(module, window)
     if x.ndim == len(window) + 1:  # Flax's unbatched conv input: no example axis
         entry = dataclasses.replace(entry, mixed=None)
     return Site("kernel", "inputs", entry)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from lora_jax.core._kernels import Delta, LowRank, conv, conv_fn, dense, einsum, embed
+from lora_jax.core._kernels import Delta, LowRank, conv_of, dense, einsum, embed
 from lora_jax.core._layout import Layout
 from lora_jax.core._weights import LoraWeights
 
@@ -62,16 +62,7 @@ def layer_class(cls: type) -> type | None:
 
 def _conv(module: Any) -> LowRank:
     """The kernel-table entry of an `nnx.Conv`: its own convolution, any kernel."""
-    window = tuple(module.kernel_shape[:-2])
-    conv_with = conv_fn(
-        window,
-        strides=module.strides,
-        padding=module.padding,
-        input_dilation=module.input_dilation,
-        kernel_dilation=module.kernel_dilation,
-        precision=module.precision,
-    )
-    return conv(conv_with, len(window))
+    return conv_of(module, tuple(module.kernel_shape[:-2]))
 
 
 def kernel_layout(module: Any) -> tuple[str, Layout] | None:
