@@ -158,7 +158,7 @@ def test_routes_are_planned_before_the_call():
         def __call__(self, x):
             calls.append(1)
             w = self.param("w", nn.initializers.normal(), (x.shape[-1], 3))
-            return nn.Dense(3, name="fc")(x) + x @ w
+            return nn.Dense(3, name="fc")(x) + x @ w + jnp.sum(w)  # one use is not a contraction
 
     model = Raw()
     x = jnp.ones((2, 4))
@@ -169,13 +169,16 @@ def test_routes_are_planned_before_the_call():
     lora = perturb(lora, jax.random.key(2))
     apply = lj.lora_apply(model.apply)
     calls.clear()
-    y = apply(frozen, lora, x)
-    assert len(calls) == 2  # one abstract planning trace, one run
+    with pytest.warns(
+        UserWarning, match=r"params/w \(factored \(dot_general\); merged \(used by reduce_sum\)\)"
+    ):
+        y = apply(frozen, lora, x)
+    assert len(calls) == 2  # one abstract planning trace, one trace of the program
     calls.clear()
     apply(frozen, lora, x)
-    assert len(calls) == 1  # same structure: the plan is reused
+    assert len(calls) == 1  # same structure: the plan is reused (and warned once)
     np.testing.assert_allclose(y, model.apply(lj.merge(frozen, lora), x), rtol=1e-5, atol=1e-6)
     assert lj.routes(model.apply, frozen, lora, x) == {
         "params/fc/kernel": "factored (Dense)",
-        "params/w": "merged",
+        "params/w": "factored (dot_general); merged (used by reduce_sum)",
     }

@@ -140,7 +140,7 @@ def test_every_kind_is_factored_in_tiny(tiny, tiny_lora):
     model, _, ids, _ = tiny
     _, frozen, lora = tiny_lora
     routes = lj.routes(model.apply, frozen, lora, ids)
-    assert routes["params/gate"] == "merged"
+    assert routes["params/gate"] == "factored (dot_general)"  # a raw param: the rewrite
     kinds = {r for p, r in routes.items() if p != "params/gate"}
     assert kinds == {
         "factored (DenseGeneral)",

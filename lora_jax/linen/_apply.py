@@ -19,8 +19,9 @@ import jax
 import numpy as np
 
 from lora_jax.core._abstract import eval_shape
-from lora_jax.core._paths import flatten, replace
-from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora, scaled_delta
+from lora_jax.core._paths import flatten
+from lora_jax.core._use import call as rewrite_call
+from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora
 from lora_jax.linen._inject import (
     A_SUFFIX,
     B_SUFFIX,
@@ -53,17 +54,39 @@ def _interceptor(
     return intercept
 
 
-def _variables(frozen: Any, adapters: Mapping[str, LoraWeights], factored: frozenset[str]) -> Any:
-    """`frozen` with the factored adapters injected and every other adapter merged."""
-    flat = flatten(frozen)
-    entries, merged = {}, {}
-    for path, w in adapters.items():
-        if path in factored:
-            entries[path + A_SUFFIX], entries[path + B_SUFFIX] = w.a, w.b
-        else:
-            merged[path] = flat[path] + scaled_delta(w, w.scale, flat[path].dtype)  # type: ignore[arg-type]
-    variables = replace(frozen, merged)
-    return inject(variables, entries) if entries else variables
+def _run(
+    apply_fn: Callable[..., Any],
+    frozen: Any,
+    adapters: Mapping[str, LoraWeights],
+    factored: frozenset[str],
+    rates: Mapping[str, float],
+    args: tuple,
+    kwargs: dict,
+    found: dict[str, set[str]],
+) -> Any:
+    """One call: adapters of stock layers injected next to their kernels (the interceptor
+    adds their low-rank path); every other adapter through the contraction rewrite, which
+    adds it factored wherever a contraction uses its kernel and merged elsewhere."""
+    entries = {}
+    for path in factored:
+        entries[path + A_SUFFIX], entries[path + B_SUFFIX] = adapters[path].a, adapters[path].b
+    variables = inject(frozen, entries) if entries else frozen
+    seen: dict[str, str] = {}
+
+    def call_model(variables_: Any, *args_: Any, **kwargs_: Any) -> Any:
+        with nn.intercept_methods(_interceptor(adapters, rates, seen)):
+            return apply_fn(variables_, *args_, **kwargs_)
+
+    rest = {p: w for p, w in adapters.items() if p not in factored}
+    if not rest:
+        return call_model(variables, *args, **kwargs)
+    return rewrite_call(call_model, variables, rest, args, kwargs, found)
+
+
+def describe(found: Mapping[str, set[str]], path: str) -> str:
+    """One route string from the ways a kernel's uses were served."""
+    ways = sorted(found.get(path, ()))
+    return "; ".join(ways) if ways else "unused (no operation reads this kernel)"
 
 
 def _injectable(frozen: Any, adapters: Mapping[str, Any]) -> frozenset[str]:
@@ -89,7 +112,10 @@ def plan(
     def trace(frozen_: Any, lora_: Any, args_: tuple, kwargs_: dict) -> Any:
         ws = flatten_lora(lora_)
         with nn.intercept_methods(_interceptor(ws, {}, seen)):
-            return apply_fn(_variables(frozen_, ws, candidates), *args_, **kwargs_)
+            entries = {}
+            for path in candidates:
+                entries[path + A_SUFFIX], entries[path + B_SUFFIX] = ws[path].a, ws[path].b
+            return apply_fn(inject(frozen_, entries), *args_, **kwargs_)
 
     eval_shape(trace, frozen, lora, args, kwargs)
     return seen
@@ -139,6 +165,7 @@ def lora_apply(apply_fn: Callable[..., Any], *, deterministic: bool = False) -> 
             f"found {type(apply_fn).__name__}."
         )
     plans: dict[tuple, frozenset[str]] = {}
+    warned: set[tuple] = set()
 
     def apply(frozen: Any, lora: Any, *args: Any, **kwargs: Any) -> Any:
         adapters = flatten_lora(lora)
@@ -149,15 +176,25 @@ def lora_apply(apply_fn: Callable[..., Any], *, deterministic: bool = False) -> 
             plans[key] = frozenset(plan(apply_fn, frozen, lora, args, kwargs))
         factored = plans[key]
         rates = dropout_rates({p: w.dropout for p, w in adapters.items()}, kwargs, deterministic)
-        merged_with_dropout = sorted(p for p in adapters if p not in factored and rates[p] > 0)
-        if merged_with_dropout:
+        rewritten_with_dropout = sorted(p for p in adapters if p not in factored and rates[p] > 0)
+        if rewritten_with_dropout:
             warnings.warn(
-                f"LoRA dropout is not applied on merged paths: {merged_with_dropout}.",
+                f"LoRA dropout is applied only at Flax layers; not on {rewritten_with_dropout} "
+                f"(served by the contraction rewrite).",
                 stacklevel=2,
             )
-        seen: dict[str, str] = {}
-        with nn.intercept_methods(_interceptor(adapters, rates, seen)):
-            return apply_fn(_variables(frozen, adapters, factored), *args, **kwargs)
+        found: dict[str, set[str]] = {}
+        out = _run(apply_fn, frozen, adapters, factored, rates, args, kwargs, found)
+        merged = sorted(p for p, ways in found.items() if any(w.startswith("merged") for w in ways))
+        if merged and key not in warned:
+            warned.add(key)
+            listing = ", ".join(f"{p} ({describe(found, p)})" for p in merged)
+            warnings.warn(
+                f"{len(merged)} adapter(s) run merged for some uses (a weight-sized gradient "
+                f"there): {listing}. lj.routes tells why.",
+                stacklevel=2,
+            )
+        return out
 
     return apply
 
@@ -190,4 +227,10 @@ def routes(
     check_variables(apply_fn, frozen, list(adapters))
     check_fits(flatten(frozen), adapters)
     seen = plan(apply_fn, frozen, lora, args, kwargs)
-    return {p: f"factored ({seen[p]})" if p in seen else "merged" for p in adapters}
+    found: dict[str, set[str]] = {p: {f"factored ({cls})"} for p, cls in seen.items()}
+    factored = frozenset(seen)
+    if set(adapters) - factored:
+        rates = {p: 0.0 for p in adapters}
+        run = lambda f, lo, a, k: _run(apply_fn, f, flatten_lora(lo), factored, rates, a, k, found)
+        eval_shape(run, frozen, lora, args, kwargs)
+    return {p: describe(found, p) for p in adapters}

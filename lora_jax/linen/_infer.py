@@ -7,17 +7,20 @@ from typing import Any
 
 import flax.linen as nn
 
-from lora_jax.core._abstract import eval_shape
 from lora_jax.core._layout import Layout
 from lora_jax.core._paths import flatten
+from lora_jax.core._use import layouts_from_use
 from lora_jax.linen._sites import kernel_path, site
 
 __all__ = ["infer_layouts"]
 
 
 def infer_layouts(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: Any) -> dict:
-    """The linen half of `lora_jax.infer_layouts`: one abstract trace, recording each
-    supported layer's kernel path and axes (leading stack axes from `nn.scan`/`nn.vmap`).
+    """The linen half of `lora_jax.infer_layouts`: one trace of the program (no FLOPs),
+    recording each supported layer's kernel path and axes (leading stack axes from
+    `nn.scan`/`nn.vmap`), and, for every other float kernel, the layout the contractions
+    that use it imply (`lora_jax.core._use.layouts_from_use`: contracted axes are inputs,
+    dot_general batch axes and scanned axes are stack axes, the rest outputs).
 
     Args:
         apply_fn: the model's apply function, e.g. ``model.apply``.
@@ -48,9 +51,13 @@ def infer_layouts(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kw
             seen.setdefault(path, (found.low_rank.layout, tuple(kernel.shape)))
         return next_fun(*args_, **kwargs_)
 
-    with nn.intercept_methods(record):
-        eval_shape(apply_fn, variables, *args, **kwargs)
-    return _fit_to_variables(seen, variables)
+    def traced(variables_: Any, *args_: Any, **kwargs_: Any) -> Any:
+        with nn.intercept_methods(record):
+            return apply_fn(variables_, *args_, **kwargs_)
+
+    from_use = layouts_from_use(traced, variables, args, kwargs)
+    stock = _fit_to_variables(seen, variables)
+    return {**{p: lay for p, lay in from_use.items() if p not in stock}, **stock}
 
 
 def _fit_to_variables(seen: Mapping[str, tuple[Layout, tuple]], variables: Any) -> dict:

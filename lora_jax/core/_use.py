@@ -1,0 +1,221 @@
+"""Entry points of the contraction rewrite: run a function of a params tree with adapters
+added factored wherever a contraction uses their kernels (`call`), and learn each kernel's
+layout from the contractions that use it (`layouts_from_use`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend.core import Literal
+
+from lora_jax.core._layout import Layout
+from lora_jax.core._paths import path_str
+from lora_jax.core._rewrite import Current, Interpreter, View
+from lora_jax.core._weights import LoraWeights
+
+__all__ = ["call", "layouts_from_use", "rewrite", "trace"]
+
+
+def trace(fn: Callable[..., Any], leaves: list, dynamic: list) -> tuple[Any, Any]:
+    """The closed jaxpr of ``fn(leaves, dynamic)`` and its output tree structure."""
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(leaves, dynamic)
+    return closed, jax.tree.structure(shape)
+
+
+def rewrite(
+    fn: Callable[[list, list], Any],
+    leaves: list,
+    dynamic: list,
+    adapted: Mapping[int, tuple[str, LoraWeights]],
+    routes: dict[str, set[str]] | None = None,
+) -> Any:
+    """``fn(leaves, dynamic)`` with the adapters of `adapted` added factored where they can.
+
+    Args:
+        fn: a function of two lists of arrays (the params leaves and the other inputs).
+        leaves: the params leaves (the base kernels, never copied).
+        dynamic: the other array inputs.
+        adapted: ``{leaf index: (path, LoraWeights)}``.
+        routes: filled with ``{path: {how each use was served}}``.
+
+    Returns:
+        What `fn` returns.
+    """
+    closed, tree = trace(fn, leaves, dynamic)
+    adapters = {path: Current(w.a, w.b, w.layout, w.scale) for path, w in adapted.values()}
+    views: list[View | None] = [None] * (len(leaves) + len(jax.tree.leaves(dynamic)))
+    for i, (path, w) in adapted.items():
+        views[i] = View(path, tuple(range(w.layout.ndim)))
+    args = list(leaves) + jax.tree.leaves(dynamic)
+    interp = Interpreter(routes if routes is not None else {})
+    outs = interp.run(closed.jaxpr, closed.consts, args, views, adapters)
+    return jax.tree.unflatten(tree, outs)
+
+
+def _is_array(x: Any) -> bool:
+    arrays = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+    return isinstance(x, arrays) or hasattr(x, "aval")
+
+
+def _program(fn: Callable[..., Any], variables: Any, args: tuple, kwargs: Mapping[str, Any]):
+    """``(run, leaves, dynamic, names)``: `fn` as a function of the params leaves and the
+    array inputs (the rest of `args`/`kwargs` stays Python values), and the leaf paths."""
+    with_paths, tree = jax.tree_util.tree_flatten_with_path(variables)
+    names = [path_str(kp) for kp, _ in with_paths]
+    rest, rest_tree = jax.tree_util.tree_flatten((args, dict(kwargs)))
+    dyn_index = [i for i, x in enumerate(rest) if _is_array(x)]
+
+    def run(leaves_: list, dynamic: list) -> Any:
+        full = list(rest)
+        for i, value in zip(dyn_index, dynamic, strict=True):
+            full[i] = value
+        a, k = jax.tree_util.tree_unflatten(rest_tree, full)
+        return fn(jax.tree_util.tree_unflatten(tree, leaves_), *a, **k)
+
+    leaves = [x for _, x in with_paths]
+    return run, leaves, [rest[i] for i in dyn_index], names
+
+
+def call(
+    fn: Callable[..., Any],
+    variables: Any,
+    adapters: Mapping[str, LoraWeights],
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    routes: dict[str, set[str]] | None = None,
+) -> Any:
+    """``fn(variables, *args, **kwargs)`` with `adapters` (keyed by their `/`-joined path
+    in `variables`) added factored wherever a contraction uses their kernel.
+
+    Array leaves of `args`/`kwargs` are traced inputs; everything else (flags, strings,
+    methods) stays a Python value.
+
+    Args:
+        fn: the function, e.g. a Flax ``model.apply``.
+        variables: its params tree (the base; never copied).
+        adapters: ``{path: LoraWeights}``.
+        args: positional inputs.
+        kwargs: keyword inputs.
+        routes: filled with ``{path: {how each use was served}}``.
+
+    Returns:
+        What `fn` returns.
+    """
+    run, leaves, dynamic, names = _program(fn, variables, args, kwargs)
+    missing = sorted(set(adapters) - set(names))
+    if missing:
+        raise ValueError(f"adapters for {missing} have no parameter in `variables`.")
+    adapted = {names.index(p): (p, w) for p, w in adapters.items()}
+    return rewrite(run, leaves, dynamic, adapted, routes)
+
+
+_PASS = ("convert_element_type", "copy", "copy_p", "reduce_precision")
+_CALLS = ("jit", "pjit", "closed_call", "core_call")
+_REMAT = ("remat2", "checkpoint", "remat")
+
+
+class _Uses:
+    """Walks a jaxpr (no values) and records, per kernel, the layout its contractions
+    imply: contracted axes are inputs, dot_general batch axes and scanned axes are stack
+    axes, the rest outputs; a row gather of a 2-D table is an embedding."""
+
+    def __init__(self) -> None:
+        self.layouts: dict[str, Layout] = {}
+        self.stacked: dict[str, set[int]] = {}
+
+    def record(self, path: str, layout: Layout) -> None:
+        if path not in self.layouts or layout.kind == "embed":
+            self.layouts.setdefault(path, layout)
+            if layout.kind == "embed":
+                self.layouts[path] = layout
+
+    def walk(self, jaxpr: Any, views: Mapping[Any, View]) -> None:
+        seen = dict(views)
+        for eqn in jaxpr.eqns:
+            inv = [None if isinstance(v, Literal) else seen.get(v) for v in eqn.invars]
+            if any(inv):
+                for var, view in zip(eqn.outvars, self.eqn(eqn, inv), strict=False):
+                    if view is not None:
+                        seen[var] = view
+
+    def sub(self, jaxpr: Any, views: list) -> None:
+        self.walk(jaxpr, {v: w for v, w in zip(jaxpr.invars, views, strict=True) if w})
+
+    def eqn(self, eqn: Any, inv: list) -> list:
+        name, p = eqn.primitive.name, eqn.params
+        if name in _PASS:
+            return [inv[0]]
+        if name == "transpose":
+            return [View(inv[0].path, tuple(inv[0].axes[i] for i in p["permutation"]))]
+        if name == "dot_general":
+            self.dot(eqn, inv)
+        elif name == "gather" and inv[0] is not None and inv[0].axes == (0, 1):
+            dn = p["dimension_numbers"]
+            if dn.collapsed_slice_dims == (0,) and dn.start_index_map == (0,):
+                self.record(inv[0].path, Layout("embed", (0,), (1,)))
+        elif name in _CALLS or name == "custom_jvp_call":
+            closed = p.get("jaxpr") or p.get("call_jaxpr")
+            self.sub(closed.jaxpr, inv)
+        elif name in _REMAT:
+            self.sub(p["jaxpr"], inv)
+        elif name == "cond":
+            for branch in p["branches"]:
+                self.sub(branch.jaxpr, inv[1:])
+        elif name == "while":
+            nc, nb = p["cond_nconsts"], p["body_nconsts"]
+            rest = [None] * (len(inv) - nc - nb)
+            self.sub(p["cond_jaxpr"].jaxpr, inv[:nc] + rest)
+            self.sub(p["body_jaxpr"].jaxpr, inv[nc : nc + nb] + rest)
+        elif name == "scan":
+            n = p["num_consts"] + p["num_carry"]
+            body = list(inv[: p["num_consts"]]) + [None] * p["num_carry"]
+            for view in inv[n:]:
+                if view is not None:
+                    self.stacked.setdefault(view.path, set()).add(view.axes[0])
+                body.append(None if view is None else View(view.path, view.axes[1:]))
+            self.sub(p["jaxpr"].jaxpr, body)
+        return [None] * len(eqn.outvars)
+
+    def dot(self, eqn: Any, inv: list) -> None:
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        for view, kc, kb in ((inv[0], lc, lb), (inv[1], rc, rb)):
+            if view is None:
+                continue
+            axes = view.axes
+            stack = {axes[i] for i in kb} | self.stacked.get(view.path, set())
+            ins = tuple(sorted(axes[i] for i in kc))
+            outs = tuple(sorted(a for i, a in enumerate(axes) if i not in kc and i not in kb))
+            try:
+                self.record(view.path, Layout("einsum", ins, outs, tuple(sorted(stack))))
+            except ValueError:
+                continue
+
+
+def layouts_from_use(
+    fn: Callable[..., Any], variables: Any, args: tuple, kwargs: Mapping[str, Any]
+) -> dict[str, Layout]:
+    """The layout of every float kernel (2+ axes) of `variables` that a contraction in
+    ``fn(variables, *args, **kwargs)`` uses, read from the traced program (no FLOPs).
+
+    Args:
+        fn: the function.
+        variables: its params tree.
+        args: example positional inputs (arrays or `jax.ShapeDtypeStruct`).
+        kwargs: keyword inputs.
+
+    Returns:
+        ``{path: Layout}`` (kind ``"einsum"``, or ``"embed"`` for a table read by rows).
+    """
+    run, leaves, dynamic, names = _program(fn, variables, args, kwargs)
+    closed = jax.make_jaxpr(run)(leaves, dynamic)
+    views = {}
+    for var, path, leaf in zip(closed.jaxpr.invars, names, leaves, strict=False):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and np.ndim(leaf) >= 2 and jax.numpy.issubdtype(dtype, np.floating):
+            views[var] = View(path, tuple(range(np.ndim(leaf))))
+    uses = _Uses()
+    uses.walk(closed.jaxpr, views)
+    return uses.layouts
