@@ -101,7 +101,7 @@ def routes(
         {'params/kernel': 'factored (Dense)'}
     """
     if isinstance(apply_fn, nnx.GraphDef):
-        return nnx_lora.routes(apply_fn, frozen, lora)
+        return nnx_lora.routes(apply_fn, frozen, lora, *args, **kwargs)
     return linen_lora.routes(apply_fn, frozen, lora, *args, **kwargs)
 
 

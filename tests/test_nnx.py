@@ -86,12 +86,12 @@ def test_nnx_model_equals_linen_model_with_same_weights_and_adapters(tiny, tiny_
     layouts = lj.infer_layouts(model)
     nnx_lora = lora_from_linen(lora, layouts)
     want = lj.lora_apply(linen.apply)(frozen, lora, ids)
-    # pure form: `gate` is a raw nnx.Param, merged; everything else factored
+    # pure form: `gate` is a raw nnx.Param, factored by the contraction rewrite
     gate = np.array(model.gate.get_value())
     pure = lj.lora_apply(graphdef)(state, nnx_lora, ids)
     np.testing.assert_array_equal(np.asarray(model.gate.get_value()), gate)  # inputs unchanged
     np.testing.assert_allclose(np.asarray(pure), np.asarray(want), atol=1e-5)
-    assert lj.routes(graphdef, state, nnx_lora)["gate"] == "merged"
+    assert lj.routes(graphdef, state, nnx_lora, ids)["gate"] == "factored (dot_general)"
     # in place: all but `gate` (add_lora adapts layers only); the adapters bring the
     # linen config's scale (alpha/r = 2)
     lin_frozen = lj.merge(frozen, {"params": {"gate": lora["params"]["gate"]}})

@@ -18,10 +18,12 @@ from typing import Any
 
 from flax import nnx
 
+from lora_jax.core._abstract import eval_shape
 from lora_jax.core._config import DROPOUT_RNG
-from lora_jax.core._paths import flatten
-from lora_jax.core._weights import LoraWeights, check_fits, delta, flatten_lora
-from lora_jax.nnx._layers import adapted_modules, attach, check_single, layers, path_name
+from lora_jax.core._paths import flatten, replace
+from lora_jax.core._use import call as rewrite_call
+from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora
+from lora_jax.nnx._layers import adapted_modules, attach, check_single, layers
 
 __all__ = ["dropout_rates", "lora_apply", "plan", "routes"]
 
@@ -84,21 +86,48 @@ def dropout_rates(
 def _with_adapters(
     graphdef: nnx.GraphDef, frozen: Any, adapters: dict[str, LoraWeights], rates: Any, stream: Any
 ) -> tuple[nnx.Module, list[str]]:
-    """The model rebuilt from `frozen`, its supported layers carrying their adapters and
-    every other adapted parameter merged (those paths are returned too)."""
-    flat = flatten(frozen)
+    """The model rebuilt from `frozen` with its supported layers carrying their adapters,
+    and the paths of every other adapter (served by the contraction rewrite)."""
     model = nnx.merge(graphdef, frozen, copy=True)  # new Variables: the inputs stay as they are
-    merged = {}
+    rest = []
     for path, hit in plan(model, adapters).items():
-        w = adapters[path]
         if hit is None:
-            merged[path] = flat[path] + delta(w, flat[path].dtype)
+            rest.append(path)
         else:
-            attach(hit[0], w, hit[1], rates[path], stream)
-    for parts, node in nnx.iter_graph(model) if merged else ():
-        if isinstance(node, nnx.Variable) and path_name(parts) in merged:
-            node.set_value(merged[path_name(parts)])
-    return model, sorted(merged)
+            attach(hit[0], adapters[path], hit[1], rates[path], stream)
+    return model, sorted(rest)
+
+
+def _call(model: nnx.Module, method: Any, args: tuple, kwargs: dict) -> Any:
+    call = getattr(model, method) if isinstance(method, str) else functools.partial(method, model)
+    return call(*args, **kwargs)
+
+
+def _run(
+    graphdef: nnx.GraphDef,
+    frozen: Any,
+    adapters: dict[str, LoraWeights],
+    rates: Any,
+    stream: Any,
+    method: Any,
+    args: tuple,
+    kwargs: dict,
+    found: dict[str, set[str]],
+) -> Any:
+    """One call: supported layers factored in place; every other adapter through the
+    contraction rewrite over the state's values (factored at each contraction)."""
+    model, rest = _with_adapters(graphdef, frozen, adapters, rates, stream)
+    if not rest:
+        return _call(model, method, args, kwargs)
+    values = flatten(frozen)
+    supported = {p: w for p, w in adapters.items() if p not in rest}
+
+    def program(values_: dict, *args_: Any, **kwargs_: Any) -> Any:
+        state = replace(frozen, values_)
+        model_, _ = _with_adapters(graphdef, state, supported, rates, stream)
+        return _call(model_, method, args_, kwargs_)
+
+    return rewrite_call(program, values, {p: adapters[p] for p in rest}, args, kwargs, found)
 
 
 def _checked(frozen: Any, lora: Any, where: str) -> dict[str, LoraWeights]:
@@ -143,29 +172,45 @@ def lora_apply(graphdef: nnx.GraphDef, *, deterministic: bool = False) -> Callab
     ) -> Any:
         adapters = _checked(frozen, lora, "lora_apply")
         rates, stream = dropout_rates(adapters, rngs, deterministic)
-        model, merged = _with_adapters(graphdef, frozen, adapters, rates, stream)
-        with_dropout = [p for p in merged if rates[p] > 0.0]
+        found: dict[str, set[str]] = {}
+        rest = [
+            p
+            for p, hit in plan(nnx.merge(graphdef, frozen, copy=True), adapters).items()
+            if hit is None
+        ]
+        with_dropout = [p for p in rest if rates[p] > 0.0]
         if with_dropout:
             warnings.warn(
-                f"LoRA dropout is not applied on merged paths: {with_dropout}.", stacklevel=2
+                f"LoRA dropout is applied only at NNX layers; not on {with_dropout} (served "
+                f"by the contraction rewrite).",
+                stacklevel=2,
             )
-        call = (
-            getattr(model, method) if isinstance(method, str) else functools.partial(method, model)
-        )
-        return call(*args, **kwargs)
+        return _run(graphdef, frozen, adapters, rates, stream, method, args, kwargs, found)
 
     return apply
 
 
-def routes(graphdef: nnx.GraphDef, frozen: Any, lora: Any) -> dict[str, str]:
-    """Which path each adapter takes in `lora_apply`: ``"factored (<Layer>)"`` or ``"merged"``.
+def routes(
+    graphdef: nnx.GraphDef,
+    frozen: Any,
+    lora: Any,
+    *args: Any,
+    method: str | Callable[..., Any] = "__call__",
+    **kwargs: Any,
+) -> dict[str, str]:
+    """Which path each adapter takes in `lora_apply`.
 
-    Read from the layers: nothing is traced and no inputs are needed.
+    ``"factored (<Layer>)"`` for a supported NNX layer (read from the layers, no inputs
+    needed); a raw ``nnx.Param`` goes through the contraction rewrite, whose route per use
+    (``"factored (dot_general)"``, ``"merged (used by ...)"``) shows with example inputs.
 
     Args:
         graphdef: from ``nnx.split(model)``, of a model without adapters.
         frozen: the base (``nnx.split(model)[1]``, or `frozen` from `lora_jax.split`).
         lora: the adapters.
+        *args: example inputs (optional; needed to see how raw parameters are used).
+        method: the model method `lora_apply` will call.
+        **kwargs: keyword inputs for it.
 
     Returns:
         ``{path: route}`` for every adapter.
@@ -180,8 +225,17 @@ def routes(graphdef: nnx.GraphDef, frozen: Any, lora: Any) -> dict[str, str]:
         {'kernel': 'factored (Linear)'}
     """
     adapters = _checked(frozen, lora, "routes")
-    found = plan(nnx.merge(graphdef, frozen, copy=True), adapters)
-    return {
-        p: "merged" if hit is None else f"factored ({type(hit[0]).__name__})"
-        for p, hit in found.items()
-    }
+    hits = plan(nnx.merge(graphdef, frozen, copy=True), adapters)
+    found: dict[str, set[str]] = {}
+    if args and any(hit is None for hit in hits.values()):
+        rates = {p: 0.0 for p in adapters}
+        run = lambda f, a, k: _run(graphdef, f, adapters, rates, None, method, a, k, found)
+        eval_shape(run, frozen, args, kwargs)
+    unknown = "the contraction rewrite (give example inputs to see each use)"
+    out = {}
+    for p, hit in hits.items():
+        if hit is not None:
+            out[p] = f"factored ({type(hit[0]).__name__})"
+        else:
+            out[p] = "; ".join(sorted(found.get(p, ()))) or (unknown if not args else "unused")
+    return out
