@@ -11,6 +11,10 @@ Rows (targets on a CPU in brackets):
 - LoRA step / full fine-tune step, q/v [<= 0.65] and all-linear [<= 0.75]; lora_jax on an
   NNX model (`add_lora`) and flax's own `nnx.LoRALinear` beside them.
 - Factored / merged LoRA step: what computing ``(x @ a) @ b`` instead of ``W + a@b`` buys.
+- The same model in the custom-module style (`CustomGPT`: raw `self.param` kernels,
+  `jnp.einsum` with 3-D head kernels, ``@``, ``table[ids]``; each adapter checked to route
+  ``factored (dot_general)``): LoRA all-linear / its full fine-tune [<= 0.72], that ratio
+  minus the stock model's all-linear ratio [within 0.03], and LoRA q/v / full.
 - Peak memory of a LoRA run / a full fine-tune run [q/v <= 0.70], optimizer-state bytes.
 - Forward with an adapter merged into the weights / base forward [<= 1.02].
 - Mixed batch over 4 adapters / one adapter [<= 1.2] (traces / calls shows swapping
@@ -43,6 +47,7 @@ from train.bench.steps import (
     NNX_ALL_LINEAR,
     QV,
     Runner,
+    custom_runners,
     floor_runner,
     full_runner,
     lora_runner,
@@ -50,16 +55,21 @@ from train.bench.steps import (
     nnx_lora_jax_runner,
     nnx_runner,
     paired,
+    paired_gap,
 )
 
 PARTS = ("train", "serving", "files", "memory", "scaling")
 TARGETS = {
     "lora q/v": 0.65,
     "lora all-linear": 0.75,
+    "custom all-linear": 0.72,
     "memory q/v": 0.70,
     "merged forward": 1.02,
     "mixed": 1.2,
 }
+
+
+CUSTOM_GAP = 0.03  # |custom-style all-linear ratio - stock all-linear ratio| at most this
 
 
 def _mib(n: float) -> str:
@@ -81,6 +91,35 @@ def _ratio_row(label: str, r: Runner, ref: Runner, unit: float, key: str = "") -
     )
 
 
+def _gap_row(label: str, custom: tuple[Runner, Runner], stock: tuple[Runner, Runner]) -> str:
+    gap, low, high = paired_gap(*custom, *stock)
+    this, that = (paired(*pair)[0] for pair in (custom, stock))
+    verdict = "met" if abs(gap) <= CUSTOM_GAP else "MISSED"
+    return (
+        f"| {label} | {this:.2f} | {that:.2f} | {gap:+.2f} ({low:+.2f} to {high:+.2f}) "
+        f"| within {CUSTOM_GAP} {verdict} |"
+    )
+
+
+def custom_rows(runners: dict[str, Runner]) -> list[str]:
+    full = runners["custom full"]
+    return [
+        _ratio_row(
+            "custom-style: LoRA all-linear step / full fine-tune step",
+            runners["custom all"],
+            full,
+            1,
+            "custom all-linear",
+        ),
+        _gap_row(
+            "custom-style all-linear ratio minus stock all-linear ratio",
+            (runners["custom all"], full),
+            (runners["all"], runners["full"]),
+        ),
+        _ratio_row("custom-style: LoRA attention (q/v) / full", runners["custom qv"], full, 1),
+    ]
+
+
 def train_rows(runners: dict[str, Runner]) -> list[str]:
     full, merged = runners["full"], runners["merged"]
     rows = [
@@ -93,7 +132,7 @@ def train_rows(runners: dict[str, Runner]) -> list[str]:
         _ratio_row("peer: nnx.LoRALinear all-linear / full", runners["peer all"], full, 1),
         _ratio_row("factored / merged LoRA step (all-linear)", runners["all"], merged, 1),
     ]
-    return rows
+    return rows + custom_rows(runners)
 
 
 def serving_rows(runners: list[Runner]) -> list[str]:
@@ -160,15 +199,16 @@ def scaling_rows(steps_per_s: dict[int, float]) -> list[str]:
     ]
 
 
-def step_table(runners: list[Runner]) -> str:
-    """The detail behind the training rows: every variant's step time and sizes."""
-    full = runners[0]
+def step_table(runners: dict[str, Runner]) -> str:
+    """The detail behind the training rows: every variant's step time and sizes; ratios
+    are to the full fine-tune of the same model."""
     lines = [
         "| variant | median step (s) | ratio to full (range) | compile (s) | trainable params "
         "| trainable bytes | optimizer state |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in runners:
+    for key, r in runners.items():
+        full = runners["custom full" if key.startswith("custom") else "full"]
         med = statistics.median(r.times)
         ratio, low, high = paired(r, full)
         lines.append(
@@ -207,6 +247,7 @@ def _train_runners(model: GPT, variables: Any, ids: jax.Array, cfg: GPTConfig) -
         "peer qv": nnx_runner("nnx.LoRALinear q/v (peer)", cfg, ids, {"query", "value"}),
         "peer all": nnx_runner("nnx.LoRALinear all-linear (peer)", cfg, ids, set(NNX_ALL_LINEAR)),
         "floor": floor_runner(model, variables, ids),
+        **custom_runners(cfg, ids),
     }
 
 
@@ -231,7 +272,7 @@ def main(argv: list[str] | None = None) -> str:
         runners = _train_runners(model, variables, ids, cfg)
         measure(list(runners.values()), args.rounds)
         rows += train_rows(runners)
-        details.append("Training steps:\n\n" + step_table(list(runners.values())))
+        details.append("Training steps:\n\n" + step_table(runners))
     if "serving" in parts:
         serving = serving_runners(model, variables, ids)
         measure(serving, args.rounds)
@@ -248,7 +289,8 @@ def main(argv: list[str] | None = None) -> str:
     head = (
         f"Model: {cfg.layers} layers, d_model {cfg.d_model}, {cfg.heads} heads, vocab "
         f"{cfg.vocab}, seq {cfg.seq}, batch {cfg.batch}, float32, adamw, rank {RANK}; "
-        f"{args.rounds} rounds. Machine: {platform.machine()} "
+        f"{args.rounds} rounds; the custom-style rows use the same model written with "
+        f"raw params and einsums. Machine: {platform.machine()} "
         f"{jax.devices()[0].platform.upper()}, {jax.device_count()} device(s), "
         f"jax {jax.__version__}.\n\n"
         "| measure | this | against | ratio (range) | target |\n|---|---|---|---|---|\n"

@@ -1,4 +1,5 @@
-"""The benchmark's model: a GPT-style decoder in linen, and its NNX twin."""
+"""The benchmark's model: a GPT-style decoder in linen, its NNX twin, and its twin in the
+custom-module style of the open Flax LLMs (raw `self.param` kernels, `jnp.einsum`)."""
 
 from __future__ import annotations
 
@@ -29,14 +30,20 @@ PRESETS = {
 RANK = 8
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal self-attention on (batch, seq, heads, head_dim) projections."""
+    t, head_dim = q.shape[1], q.shape[3]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim)
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    weights = jax.nn.softmax(jnp.where(mask, logits, -1e9), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
     """Multi-head causal self-attention on (batch, seq, d_model) projections."""
     b, t, d = q.shape
     split = lambda x: x.reshape(b, t, heads, d // heads)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / jnp.sqrt(d // heads)
-    mask = jnp.tril(jnp.ones((t, t), bool))
-    weights = jax.nn.softmax(jnp.where(mask, logits, -1e9), axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, split(v)).reshape(b, t, d)
+    return attend(split(q), split(k), split(v)).reshape(b, t, d)
 
 
 class Attention(nn.Module):
@@ -77,6 +84,67 @@ class GPT(nn.Module):
         for i in range(self.cfg.layers):
             x = Block(self.cfg, name=f"block_{i}")(x)
         return nn.Dense(self.cfg.vocab, name="lm_head")(nn.LayerNorm(name="ln_f")(x))
+
+
+# The custom-module twin: the same sizes, written as the open Flax LLMs write their layers.
+# Projections have no biases (as in those models); the layer norms stay `nn.LayerNorm`, so
+# that only the way the kernels are used differs from `GPT`.
+_INIT = nn.initializers.normal(0.02)
+
+
+class EinsumAttention(nn.Module):
+    """Attention with raw 3-D head kernels: q/k/v ``(d_model, heads, head_dim)`` and the
+    output ``(heads, head_dim, d_model)``, each used by `jnp.einsum`."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d, h = self.cfg.d_model, self.cfg.heads
+        q, k, v = (
+            jnp.einsum("btd,dhk->bthk", x, self.param(n, _INIT, (d, h, d // h)))
+            for n in ("query", "key", "value")
+        )
+        return jnp.einsum(
+            "bthk,hkd->btd", attend(q, k, v), self.param("out", _INIT, (h, d // h, d))
+        )
+
+
+class MatmulMlp(nn.Module):
+    """The MLP with raw 2-D kernels used by ``@``."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = self.cfg.d_model
+        up, down = self.param("up", _INIT, (d, 4 * d)), self.param("down", _INIT, (4 * d, d))
+        return nn.gelu(x @ up) @ down
+
+
+class CustomBlock(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + EinsumAttention(self.cfg, name="attn")(nn.LayerNorm(name="ln1")(x))
+        return x + MatmulMlp(self.cfg, name="mlp")(nn.LayerNorm(name="ln2")(x))
+
+
+class CustomGPT(nn.Module):
+    """`GPT` in the custom-module style: an embedding table read by ``table[ids]``, raw
+    einsum/matmul kernels, and an untied ``x @ lm_head`` output."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        x = self.param("embed", _INIT, (cfg.vocab, cfg.d_model))[ids]
+        x = x + self.param("pos", _INIT, (cfg.seq, cfg.d_model))
+        for i in range(cfg.layers):
+            x = CustomBlock(cfg, name=f"block_{i}")(x)
+        return nn.LayerNorm(name="ln_f")(x) @ self.param("lm_head", _INIT, (cfg.d_model, cfg.vocab))
 
 
 class NnxBlock(nnx.Module):

@@ -1,5 +1,6 @@
 """Training-step variants, timed side by side: full fine-tuning, lora_jax (linen and NNX,
-factored and merged), flax's `nnx.LoRALinear`, and the floor of any adapter method."""
+factored and merged, on stock layers and on custom einsum modules), flax's
+`nnx.LoRALinear`, and the floor of any adapter method."""
 
 from __future__ import annotations
 
@@ -17,12 +18,16 @@ import optax
 from flax import nnx
 
 import lora_jax as lj
-from train.bench.models import GPT, RANK, GPTConfig, NnxGPT, lm_loss
+from train.bench.models import GPT, RANK, CustomGPT, GPTConfig, NnxGPT, lm_loss
 
 QV = r".*/attn/(query|value)/kernel"
 ALL_LINEAR = r".*/(attn/(query|key|value|out)|mlp/(up|down))/kernel"
 NNX_ALL_LINEAR = ("query", "key", "value", "out", "up", "down")
 NNX_ALL_LINEAR_PATTERN = r".*/(query|key|value|out|up|down)/kernel"
+CUSTOM_QV = r".*/attn/(query|value)"  # `CustomGPT`'s raw params have no `/kernel` suffix
+CUSTOM_ALL_LINEAR = r".*/(attn/(query|key|value|out)|mlp/(up|down))"
+STOCK_ROUTE = "factored (Dense)"  # the route every adapter must take in each model
+CUSTOM_ROUTE = "factored (dot_general)"
 
 
 def _bytes(tree) -> int:
@@ -44,7 +49,7 @@ class Runner:
     traces: int = 0
 
 
-def full_runner(model: GPT, variables: dict, ids: jax.Array) -> Runner:
+def full_runner(model: GPT | CustomGPT, variables: dict, ids: jax.Array, name: str = "") -> Runner:
     tx = optax.adamw(1e-4)
     params = jax.tree.map(jnp.array, variables)  # own buffers: they are donated
     state = {"params": params, "opt": tx.init(params)}
@@ -60,15 +65,37 @@ def full_runner(model: GPT, variables: dict, ids: jax.Array) -> Runner:
         loss.block_until_ready()
 
     n = sum(x.size for x in jax.tree.leaves(variables))
-    return Runner("full fine-tune", run, n, _bytes(variables), _bytes(state["opt"]))
+    return Runner(name or "full fine-tune", run, n, _bytes(variables), _bytes(state["opt"]))
+
+
+def require_routes(
+    model: GPT | CustomGPT, frozen: Any, lora: Any, ids: jax.Array, route: str
+) -> None:
+    """Raises unless `lj.routes` sends every adapter by `route`, so that a factored
+    variant can never silently time the merged path."""
+    wrong = {p: r for p, r in lj.routes(model.apply, frozen, lora, ids).items() if r != route}
+    if wrong:
+        raise RuntimeError(f"{type(model).__name__}: adapters not routed {route!r}: {wrong}")
 
 
 def lora_runner(
-    name: str, model: GPT, variables: dict, ids: jax.Array, targets: str, merged: bool = False
+    name: str,
+    model: GPT | CustomGPT,
+    variables: dict,
+    ids: jax.Array,
+    targets: str,
+    *,
+    route: str = STOCK_ROUTE,
+    layouts: dict[str, lj.Layout] | None = None,
+    merged: bool = False,
 ) -> Runner:
+    """A LoRA step on `targets`: through `lj.lora_apply` (checked to take `route`), or
+    through `lj.merge` with `merged`."""
     config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=targets)
-    frozen, lora = lj.split(variables, config, key=jax.random.key(1))
+    frozen, lora = lj.split(variables, config, key=jax.random.key(1), layouts=layouts)
     apply = lj.lora_apply(model.apply)
+    if not merged:
+        require_routes(model, frozen, lora, ids, route)
 
     def loss_fn(frozen, lora, ids, key):
         if merged:
@@ -85,6 +112,23 @@ def lora_runner(
 
     n = sum(x.size for x in jax.tree.leaves(lora))
     return Runner(name, run, n, _bytes(lora), _bytes(box["state"].opt_state))
+
+
+def custom_runners(cfg: GPTConfig, ids: jax.Array) -> dict[str, Runner]:
+    """`CustomGPT`'s variants: the layouts of its raw kernels are read from the einsums
+    that use them, and its LoRA steps are checked to route ``factored (dot_general)``
+    before they are timed."""
+    model = CustomGPT(cfg)
+    variables = jax.jit(model.init)(jax.random.key(0), ids)
+    layouts = lj.infer_layouts(model.apply, variables, ids)
+    lora = lambda name, targets: lora_runner(
+        name, model, variables, ids, targets, route=CUSTOM_ROUTE, layouts=layouts
+    )
+    return {
+        "custom full": full_runner(model, variables, ids, "custom-style full fine-tune"),
+        "custom qv": lora("custom-style lora q/v", CUSTOM_QV),
+        "custom all": lora("custom-style lora all-linear", CUSTOM_ALL_LINEAR),
+    }
 
 
 def floor_runner(model: GPT, variables: dict, ids: jax.Array) -> Runner:
@@ -148,11 +192,27 @@ def nnx_lora_jax_runner(name: str, cfg: GPTConfig, ids: jax.Array) -> Runner:
     return _nnx_step_runner(name, model, ids)
 
 
+def _ratios(runner: Runner, reference: Runner) -> list[float]:
+    return [t / r for t, r in zip(runner.times, reference.times, strict=True)]
+
+
 def paired(runner: Runner, reference: Runner) -> tuple[float, float, float]:
     """Median, min and max of the per-round ratios ``runner / reference`` (the variants
     alternate within each round, so drift on a shared machine cancels)."""
-    ratios = [t / r for t, r in zip(runner.times, reference.times, strict=True)]
+    ratios = _ratios(runner, reference)
     return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def paired_gap(
+    runner: Runner, reference: Runner, other: Runner, other_reference: Runner
+) -> tuple[float, float, float]:
+    """Median, min and max of the per-round differences ``runner / reference - other /
+    other_reference``: how far one model's ratio is from another's, round by round."""
+    gaps = [
+        a - b
+        for a, b in zip(_ratios(runner, reference), _ratios(other, other_reference), strict=True)
+    ]
+    return statistics.median(gaps), min(gaps), max(gaps)
 
 
 def measure(runners: list[Runner], rounds: int) -> None:
