@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 from flax import nnx
 
 from lora_jax.core._abstract import eval_shape
@@ -162,6 +163,8 @@ def lora_apply(graphdef: nnx.GraphDef, *, deterministic: bool = False) -> Callab
         True
     """
 
+    warned: set[tuple] = set()
+
     def apply(
         frozen: Any,
         lora: Any,
@@ -185,7 +188,18 @@ def lora_apply(graphdef: nnx.GraphDef, *, deterministic: bool = False) -> Callab
                 f"by the contraction rewrite).",
                 stacklevel=2,
             )
-        return _run(graphdef, frozen, adapters, rates, stream, method, args, kwargs, found)
+        out = _run(graphdef, frozen, adapters, rates, stream, method, args, kwargs, found)
+        merged = sorted(p for p, ways in found.items() if any(w.startswith("merged") for w in ways))
+        key = (jax.tree.structure(lora), tuple(merged))
+        if merged and key not in warned:
+            warned.add(key)
+            listing = ", ".join(f"{p} ({'; '.join(sorted(found[p]))})" for p in merged)
+            warnings.warn(
+                f"{len(merged)} adapter(s) run merged for some uses (a weight-sized gradient "
+                f"there): {listing}. lj.routes tells why.",
+                stacklevel=2,
+            )
+        return out
 
     return apply
 
