@@ -16,7 +16,7 @@ from lora_jax.core._paths import path_str
 from lora_jax.core._rewrite import Current, Interpreter, View
 from lora_jax.core._weights import LoraWeights
 
-__all__ = ["call", "layouts_from_use", "rewrite", "trace"]
+__all__ = ["call", "kernel_uses", "layouts_from_use", "rewrite", "trace"]
 
 
 def trace(fn: Callable[..., Any], leaves: list, dynamic: list) -> tuple[Any, Any]:
@@ -125,6 +125,7 @@ class _Uses:
     def __init__(self) -> None:
         self.layouts: dict[str, Layout] = {}
         self.stacked: dict[str, set[int]] = {}
+        self.uses: dict[str, int] = {}  # equations that read each kernel (not casts, calls)
 
     def record(self, path: str, layout: Layout) -> None:
         if path not in self.layouts or layout.kind == "embed":
@@ -146,6 +147,10 @@ class _Uses:
 
     def eqn(self, eqn: Any, inv: list) -> list:
         name, p = eqn.primitive.name, eqn.params
+        flow = name in _CALLS or name in _REMAT or name in ("cond", "while", "scan")
+        if name not in _PASS and name != "transpose" and not flow:
+            for path in {v.path for v in inv if v is not None}:
+                self.uses[path] = self.uses.get(path, 0) + 1
         if name in _PASS:
             return [inv[0]]
         if name == "transpose":
@@ -194,6 +199,23 @@ class _Uses:
                 continue
 
 
+def kernel_uses(
+    fn: Callable[..., Any], variables: Any, args: tuple, kwargs: Mapping[str, Any]
+) -> tuple[dict[str, Layout], dict[str, int]]:
+    """``(layouts, uses)``: `layouts_from_use`, and how many operations (other than casts,
+    transposes and control flow) read each float kernel in one trace of the program."""
+    run, leaves, dynamic, names = _program(fn, variables, args, kwargs)
+    closed = jax.make_jaxpr(run)(leaves, dynamic)
+    views = {}
+    for var, path, leaf in zip(closed.jaxpr.invars, names, leaves, strict=False):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and np.ndim(leaf) >= 2 and jax.numpy.issubdtype(dtype, np.floating):
+            views[var] = View(path, tuple(range(np.ndim(leaf))))
+    uses = _Uses()
+    uses.walk(closed.jaxpr, views)
+    return uses.layouts, uses.uses
+
+
 def layouts_from_use(
     fn: Callable[..., Any], variables: Any, args: tuple, kwargs: Mapping[str, Any]
 ) -> dict[str, Layout]:
@@ -209,13 +231,4 @@ def layouts_from_use(
     Returns:
         ``{path: Layout}`` (kind ``"einsum"``, or ``"embed"`` for a table read by rows).
     """
-    run, leaves, dynamic, names = _program(fn, variables, args, kwargs)
-    closed = jax.make_jaxpr(run)(leaves, dynamic)
-    views = {}
-    for var, path, leaf in zip(closed.jaxpr.invars, names, leaves, strict=False):
-        dtype = getattr(leaf, "dtype", None)
-        if dtype is not None and np.ndim(leaf) >= 2 and jax.numpy.issubdtype(dtype, np.floating):
-            views[var] = View(path, tuple(range(np.ndim(leaf))))
-    uses = _Uses()
-    uses.walk(closed.jaxpr, views)
-    return uses.layouts
+    return kernel_uses(fn, variables, args, kwargs)[0]

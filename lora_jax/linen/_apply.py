@@ -21,6 +21,7 @@ import numpy as np
 from lora_jax.core._abstract import eval_shape
 from lora_jax.core._paths import flatten
 from lora_jax.core._use import call as rewrite_call
+from lora_jax.core._use import kernel_uses
 from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora
 from lora_jax.linen._inject import (
     A_SUFFIX,
@@ -89,7 +90,11 @@ def describe(found: Mapping[str, set[str]], path: str) -> str:
     return "; ".join(ways) if ways else "unused (no operation reads this kernel)"
 
 
-def _injectable(frozen: Any, adapters: Mapping[str, Any]) -> frozenset[str]:
+def _injectable(apply_fn: Any, frozen: Any, adapters: Mapping[str, Any]) -> frozenset[str]:
+    """Adapters that may ride next to their kernel: a linen module's ``params`` only (any
+    other function of a tree that happens to have a ``params`` key goes to the rewrite)."""
+    if not isinstance(getattr(apply_fn, "__self__", None), nn.Module):
+        return frozenset()
     if not isinstance(frozen, Mapping):
         return frozenset()
     return frozenset(p for p in adapters if p.startswith("params/"))
@@ -98,27 +103,37 @@ def _injectable(frozen: Any, adapters: Mapping[str, Any]) -> frozenset[str]:
 def plan(
     apply_fn: Callable[..., Any], frozen: Any, lora: Any, args: tuple, kwargs: dict
 ) -> dict[str, str]:
-    """``{path: layer class}`` of the adapters a supported layer consumes in this call.
+    """``{path: layer class}`` of the adapters a supported layer consumes in this call,
+    and nothing else reads.
 
-    One abstract trace (`jax.eval_shape`, no FLOPs) with every injectable adapter placed
-    next to its kernel; works on concrete arrays and on tracers alike.
+    One trace of the program (no FLOPs) with every injectable adapter placed next to its
+    kernel; works on concrete arrays and on tracers alike.
     """
     adapters = flatten_lora(lora)
-    candidates = _injectable(frozen, adapters)
+    candidates = _injectable(apply_fn, frozen, adapters)
     if not candidates:
         return {}
     seen: dict[str, str] = {}
+    calls: dict[str, int] = {}
 
-    def trace(frozen_: Any, lora_: Any, args_: tuple, kwargs_: dict) -> Any:
-        ws = flatten_lora(lora_)
-        with nn.intercept_methods(_interceptor(ws, {}, seen)):
-            entries = {}
-            for path in candidates:
-                entries[path + A_SUFFIX], entries[path + B_SUFFIX] = ws[path].a, ws[path].b
-            return apply_fn(inject(frozen_, entries), *args_, **kwargs_)
+    def count(next_fun, args_, kwargs_, context):
+        found = adapted(context, args_, kwargs_)
+        if found is not None:
+            seen[found[4]] = type(found[0]).__name__
+            calls[found[4]] = calls.get(found[4], 0) + 1
+        return next_fun(*args_, **kwargs_)
 
-    eval_shape(trace, frozen, lora, args, kwargs)
-    return seen
+    def traced(variables_: Any, *args_: Any, **kwargs_: Any) -> Any:
+        with nn.intercept_methods(count):
+            return apply_fn(variables_, *args_, **kwargs_)
+
+    entries = {}
+    for path in candidates:
+        entries[path + A_SUFFIX], entries[path + B_SUFFIX] = adapters[path].a, adapters[path].b
+    _, uses = kernel_uses(traced, inject(frozen, entries), args, kwargs)
+    # A kernel the program also reads outside its layer (x @ embed.embedding.T) goes to
+    # the rewrite for every use: the layer alone would miss the others.
+    return {p: cls for p, cls in seen.items() if uses.get(p, 0) <= calls[p]}
 
 
 def _signature(tree: Any) -> tuple:
