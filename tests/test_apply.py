@@ -252,7 +252,7 @@ def test_bf16_base_keeps_dtypes(tiny):
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(merged))
 
 
-def test_plain_function_uses_merged_path():
+def test_plain_function_is_factored_by_the_rewrite():
     params = {"w": jnp.ones((4, 3)) * 0.5}
     fn = lambda p, x: jnp.tanh(x @ p["w"])
     config = lj.LoraConfig(rank=2, targets="w")
