@@ -339,12 +339,6 @@ class _TiedStockEmbedNnx(nnx.Module):
         return jnp.tanh(self.embed(ids)) @ self.embed.embedding[...].T
 
 
-BYPASS = (
-    "not yet for NNX: a supported nnx layer's kernel that custom code also reads directly "
-    "gets its adapter only at the layer call (linen sends such a kernel to the rewrite)"
-)
-
-
 def test_tied_stock_embed_also_used_by_hand():
     model = _TiedStockEmbed()
     variables = _init(model, IDS)
@@ -353,7 +347,6 @@ def test_tied_stock_embed_also_used_by_hand():
     _check(lj.lora_apply(model.apply), model.apply, frozen, lora, IDS)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BYPASS)
 def test_tied_stock_embed_also_used_by_hand_nnx():
     model = nnx.eval_shape(lambda: _TiedStockEmbedNnx(nnx.Rngs(0)))
     graphdef, state = nnx.split(model)

@@ -12,6 +12,7 @@ that overrides a call method is not supported: its computation is unknown.
 
 from __future__ import annotations
 
+import contextvars
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -120,6 +121,12 @@ def call_delta(
     return x, dense(x_in, len(layout.out_axes)).delta
 
 
+# While set (by `lora_jax.nnx._pure`), counts the calls of each adapted layer, by id.
+LAYER_CALLS: contextvars.ContextVar[dict[int, int] | None] = contextvars.ContextVar(
+    "lora_jax_nnx_layer_calls", default=None
+)
+
+
 class _LoraLayer(nnx.Module):
     """What `attach` adds to a layer (mixed in before the layer's own class)."""
 
@@ -139,6 +146,9 @@ class _LoraLayer(nnx.Module):
         return self._lora_add("__call__", y, args, kwargs)
 
     def _lora_add(self, method: str, y: Any, args: tuple, kwargs: dict) -> Any:
+        counts = LAYER_CALLS.get()
+        if counts is not None:
+            counts[id(self)] = counts.get(id(self), 0) + 1
         x, update = call_delta(self, method, self.lora_layout, args, kwargs)
         if jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(y.dtype)

@@ -23,8 +23,9 @@ from lora_jax.core._abstract import eval_shape
 from lora_jax.core._config import DROPOUT_RNG
 from lora_jax.core._paths import flatten, replace
 from lora_jax.core._use import call as rewrite_call
+from lora_jax.core._use import kernel_uses
 from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora
-from lora_jax.nnx._layers import adapted_modules, attach, check_single, layers
+from lora_jax.nnx._layers import LAYER_CALLS, adapted_modules, attach, check_single, layers
 
 __all__ = ["dropout_rates", "lora_apply", "plan", "routes"]
 
@@ -85,14 +86,20 @@ def dropout_rates(
 
 
 def _with_adapters(
-    graphdef: nnx.GraphDef, frozen: Any, adapters: dict[str, LoraWeights], rates: Any, stream: Any
+    graphdef: nnx.GraphDef,
+    frozen: Any,
+    adapters: dict[str, LoraWeights],
+    rates: Any,
+    stream: Any,
+    skip: frozenset[str] = frozenset(),
 ) -> tuple[nnx.Module, list[str]]:
     """The model rebuilt from `frozen` with its supported layers carrying their adapters,
-    and the paths of every other adapter (served by the contraction rewrite)."""
+    and the paths of every other adapter (and of `skip`: served by the contraction
+    rewrite)."""
     model = nnx.merge(graphdef, frozen, copy=True)  # new Variables: the inputs stay as they are
     rest = []
     for path, hit in plan(model, adapters).items():
-        if hit is None:
+        if hit is None or path in skip:
             rest.append(path)
         else:
             attach(hit[0], adapters[path], hit[1], rates[path], stream)
@@ -102,6 +109,34 @@ def _with_adapters(
 def _call(model: nnx.Module, method: Any, args: tuple, kwargs: dict) -> Any:
     call = getattr(model, method) if isinstance(method, str) else functools.partial(method, model)
     return call(*args, **kwargs)
+
+
+def _direct_reads(
+    graphdef: nnx.GraphDef, frozen: Any, adapters: dict, method: Any, args: tuple, kwargs: dict
+) -> frozenset[str]:
+    """Supported layers' kernels that the program also reads outside the layer (a tied
+    ``x @ embed.embedding.T``): one trace counting each kernel's reads against its layer's
+    calls. The layer alone would miss those reads, so they go to the rewrite."""
+    ids: dict[int, str] = {}
+
+    def program(values_: dict, *args_: Any, **kwargs_: Any) -> Any:
+        model = nnx.merge(graphdef, replace(frozen, values_), copy=True)
+        for path, hit in plan(model, adapters).items():
+            if hit is not None:
+                attach(hit[0], adapters[path], hit[1], 0.0, None)
+                ids[id(hit[0])] = path
+        return _call(model, method, args_, kwargs_)
+
+    counts: dict[int, int] = {}
+    token = LAYER_CALLS.set(counts)
+    try:
+        _, uses = kernel_uses(program, flatten(frozen), args, kwargs)
+    finally:
+        LAYER_CALLS.reset(token)
+    calls: dict[str, int] = {}
+    for i, n in counts.items():
+        calls[ids[i]] = calls.get(ids[i], 0) + n
+    return frozenset(p for p in set(ids.values()) if uses.get(p, 0) > calls.get(p, 0))
 
 
 def _run(
@@ -115,9 +150,11 @@ def _run(
     kwargs: dict,
     found: dict[str, set[str]],
 ) -> Any:
-    """One call: supported layers factored in place; every other adapter through the
-    contraction rewrite over the state's values (factored at each contraction)."""
-    model, rest = _with_adapters(graphdef, frozen, adapters, rates, stream)
+    """One call: supported layers factored in place; every other adapter, and any whose
+    kernel the program also reads outside its layer, through the contraction rewrite over
+    the state's values (factored at each contraction)."""
+    direct = _direct_reads(graphdef, frozen, adapters, method, args, kwargs)
+    model, rest = _with_adapters(graphdef, frozen, adapters, rates, stream, direct)
     if not rest:
         return _call(model, method, args, kwargs)
     values = flatten(frozen)
@@ -215,7 +252,8 @@ def routes(
     """Which path each adapter takes in `lora_apply`.
 
     ``"factored (<Layer>)"`` for a supported NNX layer (read from the layers, no inputs
-    needed); a raw ``nnx.Param`` goes through the contraction rewrite, whose route per use
+    needed); a raw ``nnx.Param``, or a layer's kernel the program also reads outside the
+    layer, goes through the contraction rewrite, whose route per use
     (``"factored (dot_general)"``, ``"merged (used by ...)"``) shows with example inputs.
 
     Args:
@@ -241,14 +279,17 @@ def routes(
     adapters = _checked(frozen, lora, "routes")
     hits = plan(nnx.merge(graphdef, frozen, copy=True), adapters)
     found: dict[str, set[str]] = {}
-    if args and any(hit is None for hit in hits.values()):
+    direct: frozenset[str] = frozenset()
+    if args:
+        direct = _direct_reads(graphdef, frozen, adapters, method, args, kwargs)
+    if args and (direct or any(hit is None for hit in hits.values())):
         rates = {p: 0.0 for p in adapters}
         run = lambda f, a, k: _run(graphdef, f, adapters, rates, None, method, a, k, found)
         eval_shape(run, frozen, args, kwargs)
     unknown = "the contraction rewrite (give example inputs to see each use)"
     out = {}
     for p, hit in hits.items():
-        if hit is not None:
+        if hit is not None and p not in direct:
             out[p] = f"factored ({type(hit[0]).__name__})"
         else:
             out[p] = "; ".join(sorted(found.get(p, ()))) or (unknown if not args else "unused")
