@@ -27,11 +27,13 @@ from lora_jax.core._contract import low_rank_dot
 from lora_jax.core._layout import Layout
 from lora_jax.core._weights import LoraWeights, scaled_delta
 
-__all__ = ["Current", "Interpreter", "View"]
+__all__ = ["CALLS", "PASS", "REMAT", "Current", "Interpreter", "View"]
 
-_PASS = ("convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier")
-_CALLS = ("jit", "pjit", "closed_call", "core_call")
-_REMAT = ("remat2", "checkpoint", "remat")
+# Primitives by what the rewrite does with a kernel flowing into them: follow it (one operand,
+# same value up to dtype), descend into the sub-program of a call, or of a remat.
+PASS = ("convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier")
+CALLS = ("jit", "pjit", "closed_call", "core_call")
+REMAT = ("remat2", "checkpoint", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +129,7 @@ class Interpreter:
 
     def adapted_eqn(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> tuple:
         name = eqn.primitive.name
-        if name in _PASS and len(invals) == 1:
+        if name in PASS and len(invals) == 1:
             out = eqn.primitive.bind(*invals, **eqn.params)
             return [out], [inviews[0]]
         if name == "transpose":
@@ -142,12 +144,12 @@ class Interpreter:
             out = self.gather(eqn, invals, inviews, adapters)
             if out is not None:
                 return [out], [None]
-        if name in _CALLS:
+        if name in CALLS:
             closed = eqn.params["jaxpr"]
             return self.run(closed.jaxpr, closed.consts, invals, inviews, adapters), [None] * len(
                 eqn.outvars
             )
-        if name in _REMAT:
+        if name in REMAT:
             return self.remat(eqn, invals, inviews, adapters), [None] * len(eqn.outvars)
         if name == "scan":
             return self.scan(eqn, invals, inviews, adapters), [None] * len(eqn.outvars)
@@ -162,7 +164,7 @@ class Interpreter:
         if inviews[0] is not None and inviews[1] is not None:
             return None
         side = 0 if inviews[0] is not None else 1
-        view, x, w = inviews[side], invals[1 - side], invals[side]
+        view, x = inviews[side], invals[1 - side]
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         kc, xc = (lc, rc) if side == 0 else (rc, lc)
         kb, xb = (lb, rb) if side == 0 else (rb, lb)
@@ -172,7 +174,6 @@ class Interpreter:
             return None
         base = eqn.primitive.bind(*invals, **eqn.params)
         self.note(view.path, "factored (dot_general)")
-        del w
         return base + term.astype(base.dtype)
 
     def gather(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> Any:

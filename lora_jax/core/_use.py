@@ -4,6 +4,7 @@ layout from the contractions that use it (`layouts_from_use`)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,10 +14,18 @@ from jax.extend.core import Literal
 
 from lora_jax.core._layout import Layout
 from lora_jax.core._paths import path_str
-from lora_jax.core._rewrite import Current, Interpreter, View
+from lora_jax.core._rewrite import CALLS, PASS, REMAT, Current, Interpreter, View
 from lora_jax.core._weights import LoraWeights
 
-__all__ = ["call", "kernel_uses", "layouts_from_use", "rewrite", "trace"]
+__all__ = [
+    "call",
+    "describe",
+    "kernel_uses",
+    "layouts_from_use",
+    "rewrite",
+    "trace",
+    "warn_merged",
+]
 
 
 def trace(fn: Callable[..., Any], leaves: list, dynamic: list) -> tuple[Any, Any]:
@@ -112,11 +121,6 @@ def call(
     return rewrite(run, leaves, dynamic, adapted, routes)
 
 
-_PASS = ("convert_element_type", "copy", "copy_p", "reduce_precision")
-_CALLS = ("jit", "pjit", "closed_call", "core_call")
-_REMAT = ("remat2", "checkpoint", "remat")
-
-
 class _Uses:
     """Walks a jaxpr (no values) and records, per kernel, the layout its contractions
     imply: contracted axes are inputs, dot_general batch axes and scanned axes are stack
@@ -128,10 +132,8 @@ class _Uses:
         self.uses: dict[str, int] = {}  # equations that read each kernel (not casts, calls)
 
     def record(self, path: str, layout: Layout) -> None:
-        if path not in self.layouts or layout.kind == "embed":
-            self.layouts.setdefault(path, layout)
-            if layout.kind == "embed":
-                self.layouts[path] = layout
+        if path not in self.layouts or layout.kind == "embed":  # a row gather wins
+            self.layouts[path] = layout
 
     def walk(self, jaxpr: Any, views: Mapping[Any, View]) -> None:
         seen = dict(views)
@@ -147,11 +149,12 @@ class _Uses:
 
     def eqn(self, eqn: Any, inv: list) -> list:
         name, p = eqn.primitive.name, eqn.params
-        flow = name in _CALLS or name in _REMAT or name in ("cond", "while", "scan")
-        if name not in _PASS and name != "transpose" and not flow:
+        follow = name in PASS and len(inv) == 1
+        flow = name in CALLS or name in REMAT or name in ("cond", "while", "scan")
+        if not follow and name != "transpose" and not flow:
             for path in {v.path for v in inv if v is not None}:
                 self.uses[path] = self.uses.get(path, 0) + 1
-        if name in _PASS:
+        if follow:
             return [inv[0]]
         if name == "transpose":
             return [View(inv[0].path, tuple(inv[0].axes[i] for i in p["permutation"]))]
@@ -161,10 +164,10 @@ class _Uses:
             dn = p["dimension_numbers"]
             if dn.collapsed_slice_dims == (0,) and dn.start_index_map == (0,):
                 self.record(inv[0].path, Layout("embed", (0,), (1,)))
-        elif name in _CALLS or name == "custom_jvp_call":
+        elif name in CALLS or name == "custom_jvp_call":
             closed = p.get("jaxpr") or p.get("call_jaxpr")
             self.sub(closed.jaxpr, inv)
-        elif name in _REMAT:
+        elif name in REMAT:
             self.sub(p["jaxpr"], inv)
         elif name == "cond":
             for branch in p["branches"]:
@@ -232,3 +235,22 @@ def layouts_from_use(
         ``{path: Layout}`` (kind ``"einsum"``, or ``"embed"`` for a table read by rows).
     """
     return kernel_uses(fn, variables, args, kwargs)[0]
+
+
+def describe(found: Mapping[str, set[str]], path: str) -> str:
+    """One route string from the ways a kernel's uses were served."""
+    ways = sorted(found.get(path, ()))
+    return "; ".join(ways) if ways else "unused (no operation reads this kernel)"
+
+
+def warn_merged(found: Mapping[str, set[str]], warned: set, key: Any) -> None:
+    """The one-time warning (per `key`) listing the adapters merged for some use."""
+    merged = sorted(p for p, ways in found.items() if any(w.startswith("merged") for w in ways))
+    if merged and (key, tuple(merged)) not in warned:
+        warned.add((key, tuple(merged)))
+        listing = ", ".join(f"{p} ({describe(found, p)})" for p in merged)
+        warnings.warn(
+            f"{len(merged)} adapter(s) run merged for some uses (a weight-sized gradient "
+            f"there): {listing}. lj.routes tells why.",
+            stacklevel=3,
+        )

@@ -133,16 +133,17 @@ def scaled_delta(weights: LoraWeights, scale: float, dtype: Any = None) -> jax.A
 
 
 def kernel_shape(w: LoraWeights) -> tuple[int, ...]:
-    """The shape of the base kernel an adapter belongs to (from a, b and the layout)."""
+    """The shape of the base kernel an adapter belongs to (from a, b and the layout), also
+    for k stacked adapters (an adapter axis after the stack axes, a tuple of k scales)."""
     lay = w.layout
+    a_shape, b_shape = tuple(w.a.shape), tuple(w.b.shape)
     n_stack = len(lay.stack_axes)
-    sizes = {}
-    for i, axis in enumerate(lay.stack_axes):
-        sizes[axis] = w.a.shape[i]
-    for i, axis in enumerate(lay.in_axes):
-        sizes[axis] = w.a.shape[n_stack + i]
-    for i, axis in enumerate(lay.out_axes):
-        sizes[axis] = w.b.shape[n_stack + 1 + i]
+    if isinstance(w.scale, tuple):  # drop the adapter axis
+        a_shape = a_shape[:n_stack] + a_shape[n_stack + 1 :]
+        b_shape = b_shape[:n_stack] + b_shape[n_stack + 1 :]
+    sizes = dict(zip(lay.stack_axes, a_shape, strict=False))
+    sizes.update(zip(lay.in_axes, a_shape[n_stack:-1], strict=False))
+    sizes.update(zip(lay.out_axes, b_shape[n_stack + 1 :], strict=False))
     return tuple(int(sizes[i]) for i in range(lay.ndim))
 
 

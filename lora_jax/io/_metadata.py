@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from lora_jax.core._config import LoraConfig
 from lora_jax.core._layout import Layout
 from lora_jax.core._paths import nest
-from lora_jax.core._weights import LoraWeights, flatten_lora
+from lora_jax.core._weights import LoraWeights, flatten_lora, kernel_shape
 
 FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 2
@@ -66,26 +66,6 @@ def config_to_json(config: LoraConfig, adapters: Mapping[str, LoraWeights]) -> d
     }
 
 
-def config_from_json(data: Mapping[str, Any]) -> LoraConfig:
-    """Inverse of `config_to_json` (for a caller that wants the recorded config back)."""
-    return LoraConfig(**{**data, "dtype": jnp.dtype(data["dtype"])})
-
-
-def adapter_kernel_shape(w: LoraWeights) -> tuple[int, ...]:
-    """The base kernel's shape, also for k stacked adapters (an adapter axis after the
-    stack axes, and a tuple of k scales)."""
-    lay = w.layout
-    a_shape, b_shape = tuple(w.a.shape), tuple(w.b.shape)
-    n_stack = len(lay.stack_axes)
-    if isinstance(w.scale, tuple):  # drop the adapter axis
-        a_shape = a_shape[:n_stack] + a_shape[n_stack + 1 :]
-        b_shape = b_shape[:n_stack] + b_shape[n_stack + 1 :]
-    sizes = dict(zip(lay.stack_axes, a_shape, strict=False))
-    sizes.update(zip(lay.in_axes, a_shape[n_stack:-1], strict=False))
-    sizes.update(zip(lay.out_axes, b_shape[n_stack + 1 :], strict=False))
-    return tuple(int(sizes[i]) for i in range(lay.ndim))
-
-
 def _scale_json(scale: float | tuple[float, ...]) -> float | list[float]:
     return list(scale) if isinstance(scale, tuple) else scale
 
@@ -97,7 +77,7 @@ def describe_one(w: LoraWeights) -> dict[str, Any]:
         "in_axes": list(w.layout.in_axes),
         "out_axes": list(w.layout.out_axes),
         "stack_axes": list(w.layout.stack_axes),
-        "kernel_shape": list(adapter_kernel_shape(w)),
+        "kernel_shape": list(kernel_shape(w)),
         "rank": w.rank,
         "scale": _scale_json(w.scale),
         "dropout": w.dropout,

@@ -21,7 +21,7 @@ import numpy as np
 from lora_jax.core._abstract import eval_shape
 from lora_jax.core._paths import flatten
 from lora_jax.core._use import call as rewrite_call
-from lora_jax.core._use import kernel_uses
+from lora_jax.core._use import describe, kernel_uses, warn_merged
 from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora
 from lora_jax.linen._inject import (
     A_SUFFIX,
@@ -36,9 +36,7 @@ from lora_jax.linen._inject import (
 __all__ = ["lora_apply", "routes", "plan"]
 
 
-def _interceptor(
-    adapters: Mapping[str, LoraWeights], rates: Mapping[str, float], seen: dict[str, str]
-) -> Callable:
+def _interceptor(adapters: Mapping[str, LoraWeights], rates: Mapping[str, float]) -> Callable:
     """Adds ``s·((dropout(x) @ a) @ b)`` to each supported layer that carries an adapter."""
 
     def intercept(next_fun, args, kwargs, context):
@@ -46,7 +44,6 @@ def _interceptor(
         if found is None:
             return next_fun(*args, **kwargs)
         module, site, a, b, path, x = found
-        seen[path] = type(module).__name__
         y = next_fun(*args, **kwargs)
         x = layer_input(module, path, x, y.dtype, rates.get(path, 0.0))
         d = site.low_rank.delta(x, a.astype(y.dtype), b.astype(y.dtype), adapters[path].scale)
@@ -72,22 +69,15 @@ def _run(
     for path in factored:
         entries[path + A_SUFFIX], entries[path + B_SUFFIX] = adapters[path].a, adapters[path].b
     variables = inject(frozen, entries) if entries else frozen
-    seen: dict[str, str] = {}
 
     def call_model(variables_: Any, *args_: Any, **kwargs_: Any) -> Any:
-        with nn.intercept_methods(_interceptor(adapters, rates, seen)):
+        with nn.intercept_methods(_interceptor(adapters, rates)):
             return apply_fn(variables_, *args_, **kwargs_)
 
     rest = {p: w for p, w in adapters.items() if p not in factored}
     if not rest:
         return call_model(variables, *args, **kwargs)
     return rewrite_call(call_model, variables, rest, args, kwargs, found)
-
-
-def describe(found: Mapping[str, set[str]], path: str) -> str:
-    """One route string from the ways a kernel's uses were served."""
-    ways = sorted(found.get(path, ()))
-    return "; ".join(ways) if ways else "unused (no operation reads this kernel)"
 
 
 def _injectable(apply_fn: Any, frozen: Any, adapters: Mapping[str, Any]) -> frozenset[str]:
@@ -200,15 +190,7 @@ def lora_apply(apply_fn: Callable[..., Any], *, deterministic: bool = False) -> 
             )
         found: dict[str, set[str]] = {}
         out = _run(apply_fn, frozen, adapters, factored, rates, args, kwargs, found)
-        merged = sorted(p for p, ways in found.items() if any(w.startswith("merged") for w in ways))
-        if merged and key not in warned:
-            warned.add(key)
-            listing = ", ".join(f"{p} ({describe(found, p)})" for p in merged)
-            warnings.warn(
-                f"{len(merged)} adapter(s) run merged for some uses (a weight-sized gradient "
-                f"there): {listing}. lj.routes tells why.",
-                stacklevel=2,
-            )
+        warn_merged(found, warned, key)
         return out
 
     return apply

@@ -23,7 +23,7 @@ from lora_jax.core._abstract import eval_shape
 from lora_jax.core._config import DROPOUT_RNG
 from lora_jax.core._paths import flatten, replace
 from lora_jax.core._use import call as rewrite_call
-from lora_jax.core._use import kernel_uses
+from lora_jax.core._use import kernel_uses, warn_merged
 from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora
 from lora_jax.nnx._layers import LAYER_CALLS, adapted_modules, attach, check_single, layers
 
@@ -226,16 +226,7 @@ def lora_apply(graphdef: nnx.GraphDef, *, deterministic: bool = False) -> Callab
                 stacklevel=2,
             )
         out = _run(graphdef, frozen, adapters, rates, stream, method, args, kwargs, found)
-        merged = sorted(p for p, ways in found.items() if any(w.startswith("merged") for w in ways))
-        key = (jax.tree.structure(lora), tuple(merged))
-        if merged and key not in warned:
-            warned.add(key)
-            listing = ", ".join(f"{p} ({'; '.join(sorted(found[p]))})" for p in merged)
-            warnings.warn(
-                f"{len(merged)} adapter(s) run merged for some uses (a weight-sized gradient "
-                f"there): {listing}. lj.routes tells why.",
-                stacklevel=2,
-            )
+        warn_merged(found, warned, jax.tree.structure(lora))
         return out
 
     return apply
