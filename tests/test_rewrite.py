@@ -385,9 +385,11 @@ def test_cond_jit_and_custom_vjp(flag):
     x, flag = _normal((4, 6), 0), jnp.asarray(flag)
     routes = lj.routes(_control_flow, frozen, lora, x, flag)
     assert routes["w1"] == routes["w2"] == FACTORED
-    assert routes["w3"].startswith("merged (used by custom_vjp"), routes
-    with pytest.warns(UserWarning, match=r"1 adapter\(s\) run merged .*w3 \(merged"):
-        _check(lj.lora_apply(_control_flow), _control_flow, frozen, lora, x, flag)
+    # The custom_vjp function's primal program is rewritten; its rule is for the base alone.
+    assert (
+        routes["w3"] == FACTORED + "; inside custom_vjp_call (differentiated by JAX, not its rule)"
+    )
+    _check(lj.lora_apply(_control_flow), _control_flow, frozen, lora, x, flag)
 
 
 # -- 7. an elementwise use: merged for that use, one warning ----------------------------------

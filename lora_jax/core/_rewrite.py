@@ -1,82 +1,82 @@
 """Factored LoRA wherever a contraction uses an adapted kernel, in any JAX code.
 
-`rewrite` traces a function of a params tree to a jaxpr and evaluates it again with an
-interpreter that follows each adapted kernel through casts, copies and transposes (a
-`View`: which kernel axis each axis of the value is). Where the kernel meets a
-``dot_general`` (``@``, ``jnp.dot``, ``jnp.einsum``...) the equation runs unchanged on the
-base kernel and ``s·((x·a)·b)`` is added, contracted from the dimension numbers; a row
-``gather`` of a 2-D table (an embedding lookup) adds ``s·a[ids]@b``. It descends into
-``jit``, ``scan`` (a kernel scanned over its stack axis gets its adapter sliced the same
-way), ``remat``, ``cond`` and ``while``. Any other use (an elementwise op, a reshape, a
-custom_jvp/custom_vjp function) gets the merged kernel ``W + s·a@b`` for that use alone,
-and the reason is recorded. Framework-free: it sees only the traced program, so custom
-Flax modules and plain functions are served alike, and the model's code is untouched.
+`rewrite` (`lora_jax.core._use`) traces a function of a params tree to a jaxpr and the
+`Interpreter` evaluates it again, following each adapted kernel through casts, copies,
+transposes and reshapes (a `View`). Where the kernel meets a ``dot_general`` (``@``,
+``jnp.dot``, ``jnp.einsum``...), a ``ragged_dot_general`` (grouped matmul over experts) or
+a ``conv_general_dilated``, the equation runs unchanged on the base kernel and
+``s·((dropout(x)·a)·b)`` is added, contracted from the dimension numbers (either operand;
+stack axes batched or free); a row ``gather`` of a 2-D table (an embedding lookup) adds
+``s·a[ids]@b``. It descends into ``jit``, ``scan``, ``remat``, ``cond``, ``while``
+(`lora_jax.core._flow`) and the primal program of ``custom_jvp``/``custom_vjp`` functions.
+Any other use (an elementwise op, a reshape that mixes inputs with outputs) gets the
+merged kernel ``W + s·a@b`` for that use alone, and the reason is recorded. It sees only
+the traced program, so custom Flax modules and plain functions are served alike, and the
+model's code is untouched.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.extend.core import Literal
 
-from lora_jax.core._contract import low_rank_dot
-from lora_jax.core._layout import Layout
-from lora_jax.core._weights import LoraWeights, scaled_delta
+from lora_jax.core import _flow
+from lora_jax.core._contract import low_rank_conv, low_rank_dot, low_rank_ragged
+from lora_jax.core._views import Current, View, reshaped
 
-__all__ = ["CALLS", "PASS", "REMAT", "Current", "Interpreter", "View"]
+__all__ = ["CALLS", "CUSTOM", "PASS", "REMAT", "Current", "Interpreter", "View"]
 
 # Primitives by what the rewrite does with a kernel flowing into them: follow it (one operand,
-# same value up to dtype), descend into the sub-program of a call, or of a remat.
+# same value up to dtype), descend into the sub-program of a call, of a remat, or of a
+# custom-derivative function (its primal program: the custom rule is for the base alone).
 PASS = ("convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier")
 CALLS = ("jit", "pjit", "closed_call", "core_call")
 REMAT = ("remat2", "checkpoint", "remat")
-
-
-@dataclasses.dataclass(frozen=True)
-class View:
-    """How a traced value relates to an adapted kernel: ``axes[i]`` is the kernel axis
-    that axis i of the value is (after transposes); the value may be cast."""
-
-    path: str
-    axes: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Current:
-    """An adapter as one scope sees it: under `scan`, its kernel and factors are sliced
-    along the scanned stack axis, and the layout renumbered."""
-
-    a: Any
-    b: Any
-    layout: Layout
-    scale: Any
-
-    def delta(self, view: View, dtype: Any) -> jax.Array:
-        w = LoraWeights(self.a, self.b, self.layout, scale=self.scale)
-        return jnp.transpose(scaled_delta(w, self.scale, jnp.float32), view.axes).astype(dtype)
-
-
-def _without_axis(layout: Layout, k: int) -> Layout:
-    drop = lambda axes: tuple(x - (x > k) for x in axes if x != k)
-    return Layout(layout.kind, drop(layout.in_axes), drop(layout.out_axes), drop(layout.stack_axes))
+CUSTOM = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
 
 
 class Interpreter:
     """Evaluates a jaxpr with `View`s on the values that are (views of) adapted kernels.
 
-    `routes` collects, per kernel path, how each use was served: ``"factored (...)"`` or
-    ``"merged (...)"``.
+    `routes` collects, per adapter path, how each use was served: ``"factored (...)"`` or
+    ``"merged (...)"``. `key` is the LoRA dropout stream (None: no dropout).
     """
 
-    def __init__(self, routes: dict[str, set[str]]):
+    def __init__(self, routes: dict[str, set[str]], key: Any = None):
         self.routes = routes
+        self.key = key
+        self.uses = 0
 
-    def note(self, path: str, how: str) -> None:
-        self.routes.setdefault(path, set()).add(how)
+    def note(self, cur: Current, how: str) -> None:
+        self.routes.setdefault(cur.origin, set()).add(how)
+
+    # -- dropout keys --------------------------------------------------------------------
+    def scope_key(self) -> Any:
+        """A fresh key for a sub-scope (a loop's iterations), or None without dropout."""
+        if self.key is None:
+            return None
+        self.uses += 1
+        return jax.random.fold_in(self.key, self.uses)
+
+    @contextlib.contextmanager
+    def keyed(self, key: Any) -> Iterator[None]:
+        outer, self.key = self.key, key
+        try:
+            yield
+        finally:
+            self.key = outer
+
+    def dropped(self, x: Any, cur: Current) -> Any:
+        """Inverted LoRA dropout on the low-rank path's input."""
+        if cur.rate <= 0.0 or self.key is None or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        keep = jax.random.bernoulli(self.scope_key(), 1.0 - cur.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - cur.rate), jnp.zeros_like(x))
 
     # -- the evaluation loop -------------------------------------------------------------
     def run(self, jaxpr: Any, consts: list, args: list, views: list, adapters: dict) -> list:
@@ -114,8 +114,9 @@ class Interpreter:
         return results
 
     def merged(self, value: Any, view: View, adapters: dict, why: str) -> Any:
-        self.note(view.path, f"merged (used by {why})")
-        return value + adapters[view.path].delta(view, value.dtype)
+        cur = adapters[view.path]
+        self.note(cur, f"merged (used by {why})")
+        return value + cur.delta(view, value.dtype)
 
     def bind_merged(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> tuple:
         name = eqn.primitive.name
@@ -129,35 +130,57 @@ class Interpreter:
 
     def adapted_eqn(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> tuple:
         name = eqn.primitive.name
+        view = inviews[0]
         if name in PASS and len(invals) == 1:
-            out = eqn.primitive.bind(*invals, **eqn.params)
-            return [out], [inviews[0]]
+            return [eqn.primitive.bind(*invals, **eqn.params)], [view]
         if name == "transpose":
-            view = inviews[0]
             out = eqn.primitive.bind(*invals, **eqn.params)
             return [out], [View(view.path, tuple(view.axes[p] for p in eqn.params["permutation"]))]
-        if name == "dot_general":
-            out = self.dot_general(eqn, invals, inviews, adapters)
+        if name == "reshape" and len(invals) == 1 and eqn.params.get("dimensions") is None:
+            found = self.reshape(eqn, invals[0], view, adapters)
+            if found is not None:
+                return found
+        contraction = {
+            "dot_general": self.dot_general,
+            "gather": self.gather,
+            "ragged_dot_general": self.ragged_dot,
+            "conv_general_dilated": self.conv,
+        }.get(name)
+        if contraction is not None:
+            out = contraction(eqn, invals, inviews, adapters)
             if out is not None:
                 return [out], [None]
-        if name == "gather":
-            out = self.gather(eqn, invals, inviews, adapters)
-            if out is not None:
-                return [out], [None]
-        if name in CALLS:
-            closed = eqn.params["jaxpr"]
-            return self.run(closed.jaxpr, closed.consts, invals, inviews, adapters), [None] * len(
-                eqn.outvars
-            )
-        if name in REMAT:
-            return self.remat(eqn, invals, inviews, adapters), [None] * len(eqn.outvars)
-        if name == "scan":
-            return self.scan(eqn, invals, inviews, adapters), [None] * len(eqn.outvars)
-        if name == "cond":
-            return self.cond(eqn, invals, inviews, adapters), [None] * len(eqn.outvars)
-        if name == "while":
-            return self.while_loop(eqn, invals, inviews, adapters), [None] * len(eqn.outvars)
-        return self.bind_merged(eqn, invals, inviews, adapters)
+        flow = {
+            "remat": _flow.remat,
+            "scan": _flow.scan,
+            "cond": _flow.cond,
+            "while": _flow.while_loop,
+        }.get("remat" if name in REMAT else name)
+        if name in CALLS or name in CUSTOM:
+            p = eqn.params
+            closed = p.get("jaxpr") or p.get("call_jaxpr") or p["fun_jaxpr"]
+            outs = self.run(closed.jaxpr, closed.consts, invals, inviews, adapters)
+            if name in CUSTOM:
+                for path in {v.path for v in inviews if v is not None}:
+                    self.note(
+                        adapters[path], f"inside {name} (differentiated by JAX, not its rule)"
+                    )
+        elif flow is not None:
+            outs = flow(self, eqn, invals, inviews, adapters)
+        else:
+            return self.bind_merged(eqn, invals, inviews, adapters)
+        return outs, [None] * len(eqn.outvars)
+
+    # -- views -----------------------------------------------------------------------------
+    def reshape(self, eqn: Any, value: Any, view: View, adapters: dict) -> tuple | None:
+        old, new = tuple(value.shape), tuple(eqn.params["new_sizes"])
+        cur = reshaped(adapters[view.path], view, old, new)
+        if cur is None:
+            return None
+        key = f"{view.path}#reshape{len(adapters)}"
+        adapters[key] = cur
+        out = eqn.primitive.bind(value, **eqn.params)
+        return [out], [View(key, tuple(range(len(new))))]
 
     # -- contractions --------------------------------------------------------------------
     def dot_general(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> Any:
@@ -169,12 +192,32 @@ class Interpreter:
         kc, xc = (lc, rc) if side == 0 else (rc, lc)
         kb, xb = (lb, rb) if side == 0 else (rb, lb)
         cur = adapters[view.path]
+        x = self.dropped(x, cur)
         term = low_rank_dot(x, cur, view, tuple(kc), tuple(xc), tuple(kb), tuple(xb), side)
+        return self.added(eqn, invals, cur, term, "dot_general")
+
+    def added(self, eqn: Any, invals: list, cur: Current, term: Any, how: str) -> Any:
         if term is None:
             return None
         base = eqn.primitive.bind(*invals, **eqn.params)
-        self.note(view.path, "factored (dot_general)")
+        self.note(cur, f"factored ({how})")
         return base + term.astype(base.dtype)
+
+    def ragged_dot(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> Any:
+        if inviews[0] is not None or inviews[1] is None or inviews[2] is not None:
+            return None
+        cur = adapters[inviews[1].path]
+        x = self.dropped(invals[0], cur)
+        term = low_rank_ragged(x, cur, inviews[1], invals[2], eqn.params)
+        return self.added(eqn, invals, cur, term, "ragged_dot")
+
+    def conv(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> Any:
+        if inviews[0] is not None or inviews[1] is None:
+            return None
+        cur = adapters[inviews[1].path]
+        x = self.dropped(invals[0], cur)
+        term = low_rank_conv(x, cur, inviews[1], eqn.params)
+        return self.added(eqn, invals, cur, term, "conv")
 
     def gather(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> Any:
         view = inviews[0]
@@ -182,7 +225,7 @@ class Interpreter:
             return None
         cur = adapters[view.path]
         dn = eqn.params["dimension_numbers"]
-        table = invals[0]
+        table, ids = invals
         lay = cur.layout
         plain = view.axes == (0, 1) and lay.in_axes == (0,) and lay.out_axes == (1,)
         row = (
@@ -194,109 +237,28 @@ class Interpreter:
         )
         if not (plain and row and not lay.stack_axes):
             return None
+        if cur.mixed:
+            rows = _per_example(cur, ids)
+            h = cur.a.astype(table.dtype)[rows, ids[..., 0]]
+            h = h * cur.gains.astype(h.dtype).reshape(-1, *([1] * (h.ndim - 1)))
+            b = jnp.take(cur.b, cur.rows, axis=0).astype(h.dtype)
+            low = jnp.einsum("e...r,ero->e...o", h, b)
+            return self.added(eqn, invals, cur, low, "gather")
         r = cur.a.shape[-1]
         params = dict(eqn.params, slice_sizes=(1, r))
-        h = eqn.primitive.bind(cur.a.astype(table.dtype), invals[1], **params)
-        base = eqn.primitive.bind(*invals, **eqn.params)
-        self.note(view.path, "factored (gather)")
+        h = eqn.primitive.bind(cur.a.astype(table.dtype), ids, **params)
         low = (h * jnp.asarray(cur.scale, h.dtype)) @ cur.b.astype(h.dtype)
-        return base + low.astype(base.dtype)
+        return self.added(eqn, invals, cur, low, "gather")
 
-    # -- control flow --------------------------------------------------------------------
-    def remat(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> list:
-        jaxpr = eqn.params["jaxpr"]
-        fn = lambda *vals: self.run(jaxpr, [], list(vals), inviews, adapters)
-        wrapped = jax.checkpoint(
-            fn, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"]
+
+def _per_example(cur: Current, ids: Any) -> Any:
+    """A mixed batch's adapter per example, shaped to index alongside `ids` (examples
+    first)."""
+    n = cur.rows.shape[0]
+    if ids.ndim < 2 or ids.shape[0] != n:
+        raise ValueError(
+            f"{cur.origin}: a row lookup reads this table with ids of shape "
+            f"{tuple(ids.shape[:-1])}, but a mixed batch needs the example axis ({n} "
+            f"examples) first."
         )
-        return list(wrapped(*invals))
-
-    def cond(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> list:
-        index, ops, views = invals[0], invals[1:], inviews[1:]
-        branches = [
-            (lambda *vals, c=c: self.run(c.jaxpr, c.consts, list(vals), views, adapters))
-            for c in eqn.params["branches"]
-        ]
-        return list(lax.switch(index, branches, *ops))
-
-    def while_loop(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> list:
-        p = eqn.params
-        nc, nb = p["cond_nconsts"], p["body_nconsts"]
-        cc, bc, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
-        cv, bv, iv = inviews[:nc], inviews[nc : nc + nb], inviews[nc + nb :]
-        init = [
-            v if w is None else self.merged(v, w, adapters, "a while loop carry")
-            for v, w in zip(init, iv, strict=True)
-        ]
-        none = [None] * len(init)
-        cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
-        cond_fn = lambda c: self.run(cj.jaxpr, cj.consts, cc + list(c), cv + none, adapters)[0]
-        body_fn = lambda c: tuple(self.run(bj.jaxpr, bj.consts, bc + list(c), bv + none, adapters))
-        return list(lax.while_loop(cond_fn, body_fn, tuple(init)))
-
-    def scan(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> list:
-        p = eqn.params
-        n_consts, n_carry = p["num_consts"], p["num_carry"]
-        consts, carry, xs = (
-            invals[:n_consts],
-            invals[n_consts : n_consts + n_carry],
-            invals[n_consts + n_carry :],
-        )
-        cviews, carry_views, xviews = (
-            inviews[:n_consts],
-            inviews[n_consts : n_consts + n_carry],
-            inviews[n_consts + n_carry :],
-        )
-        carry = [
-            v if w is None else self.merged(v, w, adapters, "a scan carry")
-            for v, w in zip(carry, carry_views, strict=True)
-        ]
-        sliced: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
-        body_views: list[View | None] = []
-        for view in xviews:
-            if view is None:
-                body_views.append(None)
-                continue
-            cur = adapters[view.path]
-            k = view.axes[0]
-            if k not in cur.layout.stack_axes:
-                body_views.append(None)
-                continue
-            pos = cur.layout.stack_axes.index(k)
-            extra[view.path] = (cur.a, cur.b, pos)
-            sliced[view.path] = (_without_axis(cur.layout, k), cur.scale)
-            body_views.append(View(view.path, tuple(a - (a > k) for a in view.axes[1:])))
-        xs = [
-            self.merged(x, w, adapters, "a scan over a non-stack axis")
-            if w is not None and v is None
-            else x
-            for x, w, v in zip(xs, xviews, body_views, strict=True)
-        ]
-        paths = sorted(extra)
-        factors = [
-            (jnp.moveaxis(extra[q][0], extra[q][2], 0), jnp.moveaxis(extra[q][1], extra[q][2], 0))
-            for q in paths
-        ]
-        closed = p["jaxpr"]
-
-        def body(c, step):
-            x_vals, fac = step
-            inner = dict(adapters)
-            for q, (a, b) in zip(paths, fac, strict=True):
-                layout, scale = sliced[q]
-                inner[q] = Current(a, b, layout, scale)
-            vals = list(consts) + list(c) + list(x_vals)
-            views = list(cviews) + [None] * len(c) + body_views
-            out = self.run(closed.jaxpr, closed.consts, vals, views, inner)
-            return tuple(out[:n_carry]), tuple(out[n_carry:])
-
-        final, ys = lax.scan(
-            body,
-            tuple(carry),
-            (tuple(xs), tuple(factors)),
-            length=p["length"],
-            reverse=p["reverse"],
-            unroll=p["unroll"],
-        )
-        return list(final) + list(ys)
+    return cur.rows.reshape(n, *([1] * (ids.ndim - 2)))

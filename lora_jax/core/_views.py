@@ -1,0 +1,141 @@
+"""What the contraction rewrite knows about a traced value that is (a view of) an adapted
+kernel: `View` (which kernel axis each of its axes is) and `Current` (the adapter as one
+scope sees it), and how a reshape of the kernel carries its adapter along (`reshaped`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.core._layout import Layout
+from lora_jax.core._weights import LoraWeights, scaled_delta
+
+__all__ = ["Current", "View", "groups_of", "reshaped", "without_axis"]
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """How a traced value relates to an adapted kernel: ``axes[i]`` is the kernel axis
+    that axis i of the value is (after transposes); the value may be cast. `path` keys the
+    scope's `Current` (a reshaped kernel gets one of its own)."""
+
+    path: str
+    axes: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Current:
+    """An adapter as one scope sees it: under `scan` its factors are sliced along the
+    scanned stack axis and the layout renumbered; after a reshape they are reshaped.
+
+    Attributes:
+        a: ``(*stack, [k,] *in, r)``; the ``k`` axis only in a mixed batch.
+        b: ``(*stack, [k,] r, *out)``.
+        layout: the kernel's layout in this scope.
+        scale: the multiplier (1.0 in a mixed batch: `gains` carry it).
+        origin: the adapter's path, for `routes`.
+        rate: LoRA dropout rate on the low-rank path's input.
+        rows: a mixed batch's adapter per example (``(n,)`` ints), or None.
+        gains: a mixed batch's multiplier per example (``(n,)``: its adapter's scale, 0
+            for the plain base, NaN for a bad id), or None.
+    """
+
+    a: Any
+    b: Any
+    layout: Layout
+    scale: Any
+    origin: str
+    rate: float = 0.0
+    rows: Any = None
+    gains: Any = None
+
+    @property
+    def mixed(self) -> bool:
+        return self.rows is not None
+
+    def factors(self) -> tuple[Any, Any]:
+        """``(a, b)`` with a mixed batch's adapter axis gathered to one per example."""
+        if not self.mixed:
+            return self.a, self.b
+        n = len(self.layout.stack_axes)
+        return jnp.take(self.a, self.rows, axis=n), jnp.take(self.b, self.rows, axis=n)
+
+    def delta(self, view: View, dtype: Any) -> jax.Array:
+        if self.mixed:
+            raise ValueError(
+                f"{self.origin}: a mixed batch needs every use of an adapted kernel factored "
+                f"(one adapter per example); this use would need the merged kernel. Exclude "
+                f"the target, or run each adapter with lj.lora_apply."
+            )
+        w = LoraWeights(self.a, self.b, self.layout, scale=1.0)
+        return jnp.transpose(scaled_delta(w, self.scale, jnp.float32), view.axes).astype(dtype)
+
+
+def without_axis(layout: Layout, k: int) -> Layout:
+    """`layout` with kernel axis `k` (a stack axis) removed and the others renumbered."""
+    drop = lambda axes: tuple(x - (x > k) for x in axes if x != k)
+    return Layout(layout.kind, drop(layout.in_axes), drop(layout.out_axes), drop(layout.stack_axes))
+
+
+def groups_of(old: tuple[int, ...], new: tuple[int, ...]) -> list[tuple[range, range]] | None:
+    """Runs of old and new axes with equal sizes products (what a reshape merges/splits)."""
+    out, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        i0, j0 = i, j
+        p, q = (old[i] if i < len(old) else 1), (new[j] if j < len(new) else 1)
+        i, j = i + 1, j + 1
+        while p != q:
+            if p < q and i < len(old):
+                p, i = p * old[i], i + 1
+            elif q < p and j < len(new):
+                q, j = q * new[j], j + 1
+            else:
+                return None
+        out.append((range(i0, min(i, len(old))), range(j0, min(j, len(new)))))
+    return out
+
+
+def reshaped(
+    cur: Current, view: View, old: tuple[int, ...], new: tuple[int, ...]
+) -> Current | None:
+    """The adapter of ``value.reshape(new)`` for a value viewing `cur`'s kernel, when the
+    reshape only merges or splits axes of one role (inputs, outputs, or stacked): its
+    factors reshaped the same way, laid out in the new value's axis order. None otherwise."""
+    lay = cur.layout
+    role = {k: "s" for k in lay.stack_axes} | {k: "i" for k in lay.in_axes}
+    role |= {k: "o" for k in lay.out_axes}
+    groups = groups_of(old, new)
+    if groups is None or math.prod(old) == 0:
+        return None
+    roles: dict[int, str] = {}
+    for olds, news in groups:
+        found = {role[view.axes[i]] for i in olds if old[i] != 1}
+        if len(found) > 1 or (not found and len(news) and any(new[j] != 1 for j in news)):
+            return None
+        r = found.pop() if found else "o"
+        roles.update({j: r for j in news})
+    pick = lambda r: tuple(j for j in range(len(new)) if roles[j] == r)
+    stack, ins, outs = pick("s"), pick("i"), pick("o")
+    if not ins or not outs:
+        return None
+    # The factors in the value's axis order, then reshaped per role.
+    in_v = [view.axes[i] for i in range(len(old)) if role[view.axes[i]] == "i"]
+    out_v = [view.axes[i] for i in range(len(old)) if role[view.axes[i]] == "o"]
+    st_v = [view.axes[i] for i in range(len(old)) if role[view.axes[i]] == "s"]
+    n_s, lead = len(lay.stack_axes), (1 if cur.mixed else 0)
+    a_perm = [lay.stack_axes.index(k) for k in st_v]
+    a_perm += list(range(n_s, n_s + lead)) + [n_s + lead + lay.in_axes.index(k) for k in in_v]
+    b_perm = [lay.stack_axes.index(k) for k in st_v] + list(range(n_s, n_s + lead + 1))
+    b_perm += [n_s + lead + 1 + lay.out_axes.index(k) for k in out_v]
+    a = jnp.transpose(cur.a, [*a_perm, cur.a.ndim - 1])
+    b = jnp.transpose(cur.b, b_perm)
+    k_axes = tuple(cur.a.shape[n_s : n_s + lead])
+    sizes = lambda axes: tuple(new[j] for j in axes)
+    a = a.reshape(*sizes(stack), *k_axes, *sizes(ins), cur.a.shape[-1])
+    b = b.reshape(*sizes(stack), *k_axes, cur.a.shape[-1], *sizes(outs))
+    layout = Layout("einsum", ins, outs, stack)
+    return dataclasses.replace(cur, a=a, b=b, layout=layout)
