@@ -358,8 +358,6 @@ def test_mixed_batch_refuses_what_it_cannot_compute(tiny):
     config = lj.LoraConfig(rank=2, targets=[*TARGETS, ".*/gate"])
     _, lora = lj.split(variables, config, key=jax.random.key(0), layouts=layouts)
     apply = lj.multi.lora_apply_mixed(model.apply)
-    with pytest.raises(ValueError, match=r"no supported Flax layer.*params/gate"):
-        apply(variables, lj.multi.stack_adapters([lora]), jnp.array([0, 0]), ids)
     with pytest.raises(ValueError, match=r"stack_adapters"):
         apply(variables, lora, jnp.array([0, 0]), ids)
     dense = nn.DenseGeneral(3, axis=0)  # contracts the example axis
@@ -369,6 +367,36 @@ def test_mixed_batch_refuses_what_it_cannot_compute(tiny):
     stacked = lj.multi.stack_adapters([lj.split(v, c, key=jax.random.key(1))[1]])
     with pytest.raises(ValueError, match=r"params/kernel.*example axis first \(and not contracted"):
         lj.multi.lora_apply_mixed(dense.apply)(v, stacked, jnp.zeros(4, int), x)
+
+
+def test_mixed_batch_serves_raw_params_through_the_rewrite(tiny):
+    """`params/gate` is a raw ``self.param`` (``x @ gate``): no Flax layer sees it, so the
+    contraction rewrite adds each example's own term; equal to running each alone."""
+    model, variables, _, layouts = tiny
+    ids = _batch(model, 3)
+    config = lj.LoraConfig(rank=2, targets=[*TARGETS, ".*/gate"])
+    loras = [
+        perturb(lj.split(variables, config, key=jax.random.key(i), layouts=layouts)[1], key)
+        for i, key in enumerate(jax.random.split(jax.random.key(7), 2))
+    ]
+    frozen = lj.split(variables, config, key=jax.random.key(0), layouts=layouts)[0]
+    stacked = lj.multi.stack_adapters(loras)
+    mixed = lj.multi.lora_apply_mixed(model.apply)(frozen, stacked, jnp.array([1, -1, 0]), ids)
+    alone = [
+        lj.lora_apply(model.apply)(frozen, loras[1], ids[:1]),
+        model.apply(frozen, ids[1:2]),
+        lj.lora_apply(model.apply)(frozen, loras[0], ids[2:]),
+    ]
+    np.testing.assert_allclose(mixed, jnp.concatenate(alone), atol=1e-5)
+
+
+def test_mixed_batch_refuses_a_use_that_is_not_a_contraction():
+    params = {"w": jnp.ones((4, 3))}
+    fn = lambda p, x: x @ p["w"] + p["w"].sum()
+    lora = lj.split(params, lj.LoraConfig(rank=1, targets="w"), key=jax.random.key(0))[1]
+    stacked = lj.multi.stack_adapters([lora, lora])
+    with pytest.raises(ValueError, match=r"w: a mixed batch needs every use .* factored"):
+        lj.multi.lora_apply_mixed(fn)(params, stacked, jnp.array([0, 1]), jnp.ones((2, 4)))
 
 
 # --- combine and merge several ----------------------------------------------------------------

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Literal
 
-from lora_jax.core import _flow
 from lora_jax.core._contract import low_rank_conv, low_rank_dot, low_rank_ragged
+from lora_jax.core._flow import cond, remat, scan, while_loop
 from lora_jax.core._views import Current, View, reshaped
 
 __all__ = ["CALLS", "CUSTOM", "PASS", "REMAT", "Current", "Interpreter", "View"]
@@ -150,12 +150,8 @@ class Interpreter:
             out = contraction(eqn, invals, inviews, adapters)
             if out is not None:
                 return [out], [None]
-        flow = {
-            "remat": _flow.remat,
-            "scan": _flow.scan,
-            "cond": _flow.cond,
-            "while": _flow.while_loop,
-        }.get("remat" if name in REMAT else name)
+        flows = {"remat": remat, "scan": scan, "cond": cond, "while": while_loop}
+        flow = flows.get("remat" if name in REMAT else name)
         if name in CALLS or name in CUSTOM:
             p = eqn.params
             closed = p.get("jaxpr") or p.get("call_jaxpr") or p["fun_jaxpr"]

@@ -20,6 +20,7 @@ from lora_jax.core._views import Current, View, groups_of
 from lora_jax.core._weights import LoraWeights
 
 __all__ = [
+    "REWRITE_STREAM",
     "call",
     "describe",
     "kernel_uses",
@@ -28,6 +29,10 @@ __all__ = [
     "trace",
     "warn_merged",
 ]
+
+# Folded into a call's lora_dropout key for the masks the contraction rewrite draws (the
+# framework layers draw theirs from the key itself).
+REWRITE_STREAM = 0x10A5
 
 
 def trace(fn: Callable[..., Any], leaves: list, dynamic: list) -> tuple[Any, Any]:

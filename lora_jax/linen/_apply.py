@@ -10,7 +10,6 @@ costs a weight-sized gradient.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,9 +18,10 @@ import jax
 import numpy as np
 
 from lora_jax.core._abstract import eval_shape
+from lora_jax.core._config import DROPOUT_RNG
 from lora_jax.core._paths import flatten
+from lora_jax.core._use import REWRITE_STREAM, describe, kernel_uses, warn_merged
 from lora_jax.core._use import call as rewrite_call
-from lora_jax.core._use import describe, kernel_uses, warn_merged
 from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora
 from lora_jax.linen._inject import (
     A_SUFFIX,
@@ -33,7 +33,7 @@ from lora_jax.linen._inject import (
     layer_input,
 )
 
-__all__ = ["lora_apply", "routes", "plan"]
+__all__ = ["call_signature", "lora_apply", "plan", "rewrite_dropout", "routes"]
 
 
 def _interceptor(adapters: Mapping[str, LoraWeights], rates: Mapping[str, float]) -> Callable:
@@ -77,7 +77,16 @@ def _run(
     rest = {p: w for p, w in adapters.items() if p not in factored}
     if not rest:
         return call_model(variables, *args, **kwargs)
-    return rewrite_call(call_model, variables, rest, args, kwargs, found)
+    dropout = rewrite_dropout(kwargs, {p: rates.get(p, 0.0) for p in rest})
+    return rewrite_call(call_model, variables, rest, args, kwargs, found, dropout=dropout)
+
+
+def rewrite_dropout(kwargs: Mapping[str, Any], rates: Mapping[str, float]) -> tuple | None:
+    """The rewrite's LoRA dropout: its own stream folded off the call's ``lora_dropout``
+    key (the layers draw theirs through Flax), or None when no adapter runs dropout."""
+    if not any(r > 0.0 for r in rates.values()):
+        return None
+    return jax.random.fold_in(kwargs["rngs"][DROPOUT_RNG], REWRITE_STREAM), dict(rates)
 
 
 def _injectable(apply_fn: Any, frozen: Any, adapters: Mapping[str, Any]) -> frozenset[str]:
@@ -126,7 +135,7 @@ def plan(
     return {p: cls for p, cls in seen.items() if uses.get(p, 0) <= calls[p]}
 
 
-def _signature(tree: Any) -> tuple:
+def call_signature(tree: Any) -> tuple:
     """A hashable key for a call's structure: the tree structure, array shapes and dtypes,
     and every other leaf's value (flags such as ``train=True`` change what runs)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -176,18 +185,11 @@ def lora_apply(apply_fn: Callable[..., Any], *, deterministic: bool = False) -> 
         adapters = flatten_lora(lora)
         check_variables(apply_fn, frozen, list(adapters))
         check_fits(flatten(frozen), adapters)
-        key = _signature((frozen, lora, args, kwargs))
+        key = call_signature((frozen, lora, args, kwargs))
         if key not in plans:
             plans[key] = frozenset(plan(apply_fn, frozen, lora, args, kwargs))
         factored = plans[key]
         rates = dropout_rates({p: w.dropout for p, w in adapters.items()}, kwargs, deterministic)
-        rewritten_with_dropout = sorted(p for p in adapters if p not in factored and rates[p] > 0)
-        if rewritten_with_dropout:
-            warnings.warn(
-                f"LoRA dropout is applied only at Flax layers; not on {rewritten_with_dropout} "
-                f"(served by the contraction rewrite).",
-                stacklevel=2,
-            )
         found: dict[str, set[str]] = {}
         out = _run(apply_fn, frozen, adapters, factored, rates, args, kwargs, found)
         warn_merged(found, warned, key)

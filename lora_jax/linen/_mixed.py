@@ -4,7 +4,9 @@ k adapters stacked by `lora_jax.multi.stack_adapters` ride next to their kernels
 ``params`` collection (as in `lora_apply`), and each supported Flax layer adds, for example
 i, ``s·((x[i] @ a[ids[i]]) @ b[ids[i]])``: the factors are gathered per example and
 contracted with two batched einsums, so no per-example weight matrix ``W + s·a@b`` is ever
-formed. An id of -1 leaves that example on the plain base.
+formed. Every other adapted kernel (raw params, plain functions) goes through the
+contraction rewrite, which does the same at each contraction. An id of -1 leaves that
+example on the plain base.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from lora_jax.core._mixing import mixing, scales_of
 from lora_jax.core._paths import flatten
+from lora_jax.core._use import call as rewrite_call
 from lora_jax.core._weights import flatten_lora, unstacked_shapes
+from lora_jax.linen._apply import call_signature, plan, rewrite_dropout
 from lora_jax.linen._inject import (
     A_SUFFIX,
     B_SUFFIX,
@@ -29,26 +33,6 @@ from lora_jax.linen._inject import (
 )
 
 __all__ = ["lora_apply_mixed"]
-
-
-def _check_ids(adapter_ids: Any, k: int) -> jax.Array:
-    """The ids as an int array; a ValueError naming the first bad entry when they are known."""
-    ids = jnp.asarray(adapter_ids)
-    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(
-            f"`adapter_ids` must be a 1-D integer array (one id per example); found shape "
-            f"{ids.shape} and dtype {ids.dtype}."
-        )
-    if not isinstance(adapter_ids, jax.core.Tracer):
-        values = np.asarray(ids)
-        bad = np.flatnonzero((values < -1) | (values >= k))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(
-                f"adapter_ids[{i}] is {int(values[i])}, but `stacked` holds {k} adapters: an "
-                f"id must be in 0..{k - 1}, or -1 for the plain base."
-            )
-    return ids
 
 
 def _interceptor(
@@ -82,30 +66,6 @@ def _interceptor(
     return intercept
 
 
-def _scales(scale: float | tuple[float, ...], k: int) -> tuple[float, ...]:
-    return scale if isinstance(scale, tuple) else (scale,) * k
-
-
-def _variables(frozen: Any, stacked: Any) -> tuple[Any, int, dict[str, Any]]:
-    """`frozen` with the stacked adapters injected, k, and each path's stacked adapter."""
-    if not isinstance(frozen, Mapping):
-        raise TypeError(
-            f"`frozen` must be a Flax variables dict for a mixed batch; found "
-            f"{type(frozen).__name__}."
-        )
-    k, _ = unstacked_shapes(flatten(frozen), stacked)
-    entries = {}
-    flat = flatten_lora(stacked)
-    for path, w in flat.items():
-        if not path.startswith("params/"):
-            raise ValueError(
-                f"{path}: a mixed batch adapts only `params` kernels used by a supported Flax "
-                f"layer; exclude this target from the config."
-            )
-        entries[path + A_SUFFIX], entries[path + B_SUFFIX] = w.a, w.b
-    return inject(frozen, entries), k, flat
-
-
 def lora_apply_mixed(
     apply_fn: Callable[..., Any], *, deterministic: bool = False
 ) -> Callable[..., Any]:
@@ -123,9 +83,13 @@ def lora_apply_mixed(
     example gets the base output (the term added to it is exactly zero). Gradients flow
     to every stacked adapter, so several adapters can also train in one batch.
 
-    The example axis must be the first axis of the input of every adapted layer (true for
-    ``(batch, ...)`` activations), and every target must be such a layer: there is no
-    merged fallback here. New `adapter_ids` or new adapter values never retrace. LoRA
+    Adapters of other kernels (raw ``self.param``s used by ``jnp.einsum``/``@``, experts,
+    plain functions of a params dict) go through the contraction rewrite (see
+    `lora_jax.lora_apply`), which adds each example's term at every contraction. The
+    example axis must be the first axis of the input of every adapted layer, and the first
+    free axis of the other operand at every other contraction (true for ``(batch, ...)``
+    activations); a use that is not a contraction is a ValueError: there is no merged
+    fallback per example. New `adapter_ids` or new adapter values never retrace. LoRA
     dropout runs as in `lora_jax.lora_apply` (each adapter's own rate, with the
     ``"lora_dropout"`` rng).
 
@@ -142,8 +106,9 @@ def lora_apply_mixed(
         returns.
 
     Raises:
-        TypeError: `apply_fn` is not callable (NNX graphdefs: mixed batches are linen-only
-            for now).
+        TypeError: `apply_fn` is not callable.
+        ValueError: an id is out of range, an input lacks the example axis, or a kernel has
+            a use that is not a contraction.
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn, lora_jax as lj
@@ -159,26 +124,45 @@ def lora_apply_mixed(
     """
     if not callable(apply_fn):
         raise TypeError(
-            "lora_apply_mixed supports Flax linen models (an apply function); NNX graphdefs "
-            f"are not supported yet (found {type(apply_fn).__name__}): run each adapter with "
-            "lj.lora_apply(graphdef)."
+            f"`apply_fn` must be a model's apply function or an NNX graphdef; found "
+            f"{type(apply_fn).__name__}."
         )
 
+    plans: dict[tuple, frozenset[str]] = {}
+
     def apply(frozen: Any, stacked: Any, adapter_ids: Any, *args: Any, **kwargs: Any) -> Any:
-        variables, k, adapters = _variables(frozen, stacked)
-        ids = _check_ids(adapter_ids, k)
-        rows = jnp.clip(ids, 0, k - 1)
-        gate = jnp.where(ids == -1, 0.0, jnp.where(ids == rows, 1.0, jnp.nan))
-        scales = {p: jnp.asarray(_scales(w.scale, k), jnp.float32) for p, w in adapters.items()}
+        k, _ = unstacked_shapes(flatten(frozen), stacked)
+        adapters = flatten_lora(stacked)
+        scales = scales_of(adapters, k)
+        rows, gate, gains = mixing(adapter_ids, k, scales)
         rates = dropout_rates({p: w.dropout for p, w in adapters.items()}, kwargs, deterministic)
+        key = call_signature((frozen, stacked, args, kwargs))
+        if key not in plans:
+            plans[key] = frozenset(plan(apply_fn, frozen, stacked, args, kwargs))
+        entries = {}
+        for path in plans[key]:
+            entries[path + A_SUFFIX], entries[path + B_SUFFIX] = adapters[path].a, adapters[path].b
+        variables = inject(frozen, entries) if entries else frozen
         seen: dict[str, str] = {}
-        with nn.intercept_methods(_interceptor(scales, rates, rows, gate, seen)):
-            out = apply_fn(variables, *args, **kwargs)
-        missed = sorted(set(adapters) - set(seen))
-        if missed:
+
+        def call_model(variables_: Any, *args_: Any, **kwargs_: Any) -> Any:
+            with nn.intercept_methods(_interceptor(scales, rates, rows, gate, seen)):
+                return apply_fn(variables_, *args_, **kwargs_)
+
+        rest = {p: w for p, w in adapters.items() if p not in plans[key]}
+        if not rest:
+            return call_model(variables, *args, **kwargs)
+        found: dict[str, set[str]] = {}
+        mix = (rows, {p: gains[p] for p in rest})
+        dropout = rewrite_dropout(kwargs, {p: rates[p] for p in rest})
+        out = rewrite_call(
+            call_model, variables, rest, args, kwargs, found, dropout=dropout, mix=mix
+        )
+        unused = sorted(set(rest) - set(found))
+        if unused:
             raise ValueError(
-                f"no supported Flax layer used the adapters of {missed}: a mixed batch has no "
-                f"merged fallback (see lj.routes); exclude these targets from the config."
+                f"no operation of the program reads the kernels of {unused}: exclude these "
+                f"targets from the config."
             )
         return out
 

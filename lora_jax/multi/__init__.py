@@ -6,7 +6,7 @@ several. Every adapter carries its own scale, so none of these takes a config.
     True
 """
 
-from lora_jax.linen._mixed import lora_apply_mixed
+from lora_jax._mixed import lora_apply_mixed
 from lora_jax.multi._combine import COMBINATIONS, combine_adapters
 from lora_jax.multi._merge_many import merge_many, unmerge_many
 from lora_jax.multi._stack import pad_rank, replace_adapter, stack_adapters, unstack_adapter

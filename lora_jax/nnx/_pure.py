@@ -22,8 +22,8 @@ from flax import nnx
 from lora_jax.core._abstract import eval_shape
 from lora_jax.core._config import DROPOUT_RNG
 from lora_jax.core._paths import flatten, replace
+from lora_jax.core._use import REWRITE_STREAM, kernel_uses, warn_merged
 from lora_jax.core._use import call as rewrite_call
-from lora_jax.core._use import kernel_uses, warn_merged
 from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora
 from lora_jax.nnx._layers import LAYER_CALLS, adapted_modules, attach, check_single, layers
 
@@ -165,7 +165,11 @@ def _run(
         model_, _ = _with_adapters(graphdef, state, supported, rates, stream)
         return _call(model_, method, args_, kwargs_)
 
-    return rewrite_call(program, values, {p: adapters[p] for p in rest}, args, kwargs, found)
+    dropout = None
+    if stream is not None and any(rates[p] > 0.0 for p in rest):
+        dropout = (jax.random.fold_in(stream(), REWRITE_STREAM), {p: rates[p] for p in rest})
+    served = {p: adapters[p] for p in rest}
+    return rewrite_call(program, values, served, args, kwargs, found, dropout=dropout)
 
 
 def _checked(frozen: Any, lora: Any, where: str) -> dict[str, LoraWeights]:
@@ -213,18 +217,6 @@ def lora_apply(graphdef: nnx.GraphDef, *, deterministic: bool = False) -> Callab
         adapters = _checked(frozen, lora, "lora_apply")
         rates, stream = dropout_rates(adapters, rngs, deterministic)
         found: dict[str, set[str]] = {}
-        rest = [
-            p
-            for p, hit in plan(nnx.merge(graphdef, frozen, copy=True), adapters).items()
-            if hit is None
-        ]
-        with_dropout = [p for p in rest if rates[p] > 0.0]
-        if with_dropout:
-            warnings.warn(
-                f"LoRA dropout is applied only at NNX layers; not on {with_dropout} (served "
-                f"by the contraction rewrite).",
-                stacklevel=2,
-            )
         out = _run(graphdef, frozen, adapters, rates, stream, method, args, kwargs, found)
         warn_merged(found, warned, jax.tree.structure(lora))
         return out
