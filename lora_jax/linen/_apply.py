@@ -19,6 +19,7 @@ import numpy as np
 
 from lora_jax.core._abstract import eval_shape
 from lora_jax.core._config import DROPOUT_RNG
+from lora_jax.core._layout import Layout
 from lora_jax.core._paths import flatten
 from lora_jax.core._use import REWRITE_STREAM, describe, kernel_uses, warn_merged
 from lora_jax.core._use import call as rewrite_call
@@ -99,6 +100,14 @@ def _injectable(apply_fn: Any, frozen: Any, adapters: Mapping[str, Any]) -> froz
     return frozenset(p for p in adapters if p.startswith("params/"))
 
 
+def _as_layer(layer: Layout, adapter: Layout) -> bool:
+    """Whether an adapter is laid out as the layer contracts its kernel (up to leading
+    scanned axes). One adapter per slice of a stacked-projection kernel is not: the
+    contraction rewrite serves it."""
+    n = len(adapter.stack_axes)
+    return adapter.stack_axes == tuple(range(n)) and layer.restack(n).perm == adapter.perm
+
+
 def plan(
     apply_fn: Callable[..., Any], frozen: Any, lora: Any, args: tuple, kwargs: dict
 ) -> dict[str, str]:
@@ -117,7 +126,7 @@ def plan(
 
     def count(next_fun, args_, kwargs_, context):
         found = adapted(context, args_, kwargs_)
-        if found is not None:
+        if found is not None and _as_layer(found[1].low_rank.layout, adapters[found[4]].layout):
             seen[found[4]] = type(found[0]).__name__
             calls[found[4]] = calls.get(found[4], 0) + 1
         return next_fun(*args_, **kwargs_)
