@@ -24,7 +24,17 @@ per kind of kernel:
   every part gets the same A and its own slice of B. On import the parts must carry
   identical A's (as our export writes them); a part absent from the file gets B = 0;
 - embeddings (`nn.Embed` tables, ``(vocab, dim)``) become PEFT's ``lora_embedding_A``
-  ``(r, vocab)`` and ``lora_embedding_B`` ``(dim, r)``.
+  ``(r, vocab)`` and ``lora_embedding_B`` ``(dim, r)``;
+- per-slice adapters of a kernel that stacks projections (k and v in one kernel, the k/v
+  axis a stack axis) become separate modules: ``names={0: ("k_proj", "v_proj")}`` makes
+  placeholder ``{0}`` a name instead of an index; each module gets its own A and B;
+- expert kernels ``(experts, in, out)`` (a stack axis of experts) become one 3-D
+  ``nn.Parameter`` each, adapted through PEFT's ``target_parameters``
+  (``kind="parameter"``): ``lora_A.weight`` ``(E*r, in)`` holds each expert's ``a_e.T``
+  in its rows ``e*r ..``, ``lora_B.weight`` ``(out, r*E)`` each ``b_e.T`` in its columns
+  ``k*E + e``: independent per-expert pairs, exactly as ours. Several parameters of one
+  module are nested wrappers in PEFT (``experts.base_layer.lora_A.weight``), in the
+  module's registration order (``parameter_order``).
 
 The app's Llama-family models have built-in maps (``train.models.peft_map.module_map``).
 

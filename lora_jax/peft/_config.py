@@ -23,6 +23,7 @@ __all__ = [
     "export_record",
     "read_config",
     "targeted",
+    "targeted_parameter",
     "module_settings",
 ]
 
@@ -36,7 +37,6 @@ _VARIANTS = (
     "use_qalora",
     "modules_to_save",
     "layer_replication",
-    "target_parameters",
     "trainable_token_indices",
     "alora_invocation_tokens",
     "arrow_config",
@@ -73,15 +73,19 @@ def export_record(
     dropouts: list[float],
     base_model_name_or_path: str | None,
     task_type: str | None,
+    parameters: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """The config of an export: ``settings`` is ``{module name: (r, lora_alpha)}``.
+    """The config of an export: ``settings`` is ``{module name: (r, lora_alpha)}``, the
+    names in `parameters` being ``nn.Parameter`` s (PEFT's ``target_parameters``).
 
     The global ``r`` / ``lora_alpha`` / ``lora_dropout`` are the most common values; a
     module whose r or alpha differs gets an entry in ``rank_pattern`` / ``alpha_pattern``
     keyed by its escaped full name, which PEFT's ``(.*\\.)?(key)$`` rule matches for that
-    module alone (a full name never ends another module's name at a dot boundary).
+    module alone (a full name never ends another module's name at a dot boundary); PEFT
+    matches a parameter's patterns against its full name the same way.
     """
     names = sorted(settings)
+    params = sorted(set(parameters))
     r0 = _most_common(settings[n][0] for n in names)
     alpha0 = _most_common(settings[n][1] for n in names)
     return {
@@ -92,7 +96,8 @@ def export_record(
         "lora_alpha": alpha0,
         "lora_dropout": float(_most_common(dropouts)),
         "use_rslora": False,
-        "target_modules": names,
+        "target_modules": [n for n in names if n not in params],
+        "target_parameters": params or None,
         "exclude_modules": None,
         "rank_pattern": {re.escape(n): settings[n][0] for n in names if settings[n][0] != r0},
         "alpha_pattern": {re.escape(n): settings[n][1] for n in names if settings[n][1] != alpha0},
@@ -135,6 +140,16 @@ def read_config(folder: pathlib.Path) -> dict[str, Any]:
         raise ValueError(
             f"{folder / CONFIG_FILE}: lora_dropout must be a number in [0, 1); found {dropout!r}."
         )
+    params = record.get("target_parameters") or []
+    if isinstance(params, str) or not all(isinstance(p, str) for p in params):
+        raise ValueError(
+            f"{folder / CONFIG_FILE}: target_parameters must be a list of names; found {params!r}."
+        )
+    if params and dropout:
+        raise ValueError(
+            f"{folder / CONFIG_FILE}: target_parameters with lora_dropout={dropout}; PEFT's "
+            "ParamWrapper refuses lora_dropout != 0, so PEFT would not load this adapter."
+        )
     return record
 
 
@@ -150,6 +165,13 @@ def targeted(record: Mapping[str, Any], name: str) -> bool:
     if exclude and hits(exclude):
         return False
     return target is None or hits(target)
+
+
+def targeted_parameter(record: Mapping[str, Any], name: str) -> bool:
+    """PEFT's `target_parameters` rule: a full parameter name equal to an entry or ending in
+    ``"." + entry`` (``_inject_parameters``; `exclude_modules` is not consulted)."""
+    params = record.get("target_parameters") or []
+    return name in params or any(name.endswith(f".{p}") for p in params)
 
 
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:

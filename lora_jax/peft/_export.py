@@ -18,8 +18,9 @@ import numpy as np
 
 from lora_jax.core._weights import LoraWeights, flatten_lora, kernel_shape
 from lora_jax.peft._config import CONFIG_FILE, export_record, peft_alpha
-from lora_jax.peft._module_map import ModuleMap, listing, module_slots, unsupported_reason
-from lora_jax.peft._tensors import PREFIX, SUFFIX, WEIGHTS_FILE, safetensors, torch_factor
+from lora_jax.peft._module_map import ModuleMap
+from lora_jax.peft._slots import Slot, file_names, listing, module_slots, unsupported_reason
+from lora_jax.peft._tensors import PREFIX, SUFFIX, WEIGHTS_FILE, safetensors, torch_factors
 
 __all__ = ["export_adapter"]
 
@@ -43,13 +44,12 @@ def _check_exportable(adapters: dict[str, LoraWeights]) -> None:
         )
 
 
-def _export_tensors(
+def _export_slots(
     adapters: dict[str, LoraWeights], module_map: ModuleMap
-) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, float | int]]]:
-    """The tensors by key, and ``{module: (r, lora_alpha)}``."""
-    tensors: dict[str, np.ndarray] = {}
-    settings: dict[str, tuple[int, float | int]] = {}
-    owner: dict[str, str] = {}
+) -> dict[str, tuple[Slot, LoraWeights]]:
+    """``{module (or parameter) name: (Slot, its adapter)}``; ValueErrors for paths with no
+    rule, `unsupported` paths and two paths sent to one module."""
+    out: dict[str, tuple[Slot, LoraWeights]] = {}
     unmapped = []
     for path, w in adapters.items():
         reason = unsupported_reason(module_map, path)
@@ -60,22 +60,46 @@ def _export_tensors(
             unmapped.append(path)
             continue
         for name, slot in slots.items():
-            if name in owner:
+            if name in out:
                 raise ValueError(
-                    f"`module_map` sends both {owner[name]} and {path} to module {name!r}."
+                    f"`module_map` sends both {out[name][0].path} and {path} to module {name!r}."
                 )
-            owner[name] = path
-            for factor, x in (("A", w.a), ("B", w.b)):
-                key = f"{PREFIX}{name}.{SUFFIX[slot.kind, factor]}"
-                tensors[key] = torch_factor(x, slot, factor)
-            settings[name] = (w.rank, peft_alpha(typing.cast(float, w.scale), w.rank))
+            out[name] = (slot, w)
     if unmapped:
         patterns = [r.pattern for r in module_map.rules]
         raise ValueError(
             f"`module_map` has no rule for these adapted paths:{listing(unmapped)}\n"
             f"its rule patterns (each must match a whole path):{listing(patterns)}"
         )
+    return out
+
+
+def _export_tensors(
+    slots: dict[str, tuple[Slot, LoraWeights]],
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, float | int]]]:
+    """The tensors by key, and ``{module: (r, lora_alpha)}``."""
+    stems = file_names({name: slot for name, (slot, _) in slots.items()})
+    tensors: dict[str, np.ndarray] = {}
+    settings: dict[str, tuple[int, float | int]] = {}
+    for name, (slot, w) in slots.items():
+        for factor, x in zip("AB", torch_factors(w.a, w.b, slot), strict=True):
+            tensors[f"{PREFIX}{stems[name]}.{SUFFIX[slot.kind, factor]}"] = x
+        settings[name] = (w.rank, peft_alpha(typing.cast(float, w.scale), w.rank))
     return tensors, settings
+
+
+def _check_parameter_dropout(slots: dict[str, tuple[Slot, LoraWeights]], dropout: float) -> None:
+    """PEFT's ParamWrapper refuses ``lora_dropout != 0``, and a folder has one rate."""
+    params = {s.path: w.dropout for s, w in slots.values() if s.kind == "parameter"}
+    if not params or (dropout == 0 and not any(params.values())):
+        return
+    rates = [f"{p}: dropout {d}" for p, d in params.items()]
+    raise ValueError(
+        "PEFT's ParamWrapper (target_parameters, for the 'parameter' rules) does not work "
+        f"with lora_dropout != 0, and this export would write lora_dropout={dropout} for "
+        f"one folder; expert adapters:{listing(rates)}\nexport adapters with dropout=0.0 "
+        "(dataclasses.replace(w, dropout=0.0); dropout only acts in training)."
+    )
 
 
 def _replace_file(dest: pathlib.Path, write: Any) -> None:
@@ -134,7 +158,11 @@ def export_adapter(
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (header metadata
     ``{"format": "pt"}``; keys ``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and
     ``.lora_B.weight`` ``(out, r)``, for embeddings ``.lora_embedding_A`` ``(r, vocab)`` and
-    ``.lora_embedding_B`` ``(dim, r)``), each through a temporary file, then reads both back
+    ``.lora_embedding_B`` ``(dim, r)``; an expert stack of a ``"parameter"`` rule is listed
+    in ``target_parameters`` and saved as PEFT's nested ``ParamWrapper`` s save it,
+    ``lora_A.weight`` ``(E*r, in)`` and ``lora_B.weight`` ``(out, r*E)``, under its module's
+    name plus one ``.base_layer`` per later-registered parameter of that module), each
+    through a temporary file, then reads both back
     and checks every tensor landed with its name, dtype, shape and bytes. Other files in the
     folder are left alone. The adapters keep their dtype.
 
@@ -150,9 +178,12 @@ def export_adapter(
     Raises:
         ValueError: something PEFT's format cannot express: an empty `lora`, an adapted
             path with no rule (listed, with the rules), an `unsupported` path, two paths
-            sent to one module, a conv kernel, stacked adapters, or a PiSSA adapter (its
+            sent to one module, a conv kernel, stacked adapters, a PiSSA adapter (its
             frozen base is a residual, so the adapter alone does not describe the change;
-            export merged weights instead).
+            export merged weights instead), a `ModuleRule` ``names`` whose length is not its
+            axis's size, expert adapters with dropout (PEFT's ``ParamWrapper`` refuses
+            ``lora_dropout``), or several parameters of one module without
+            ``parameter_order``.
         TypeError: `lora` holds something other than `LoraWeights`.
         ImportError: ``safetensors`` is not installed.
         OSError: the files read back differ from what was written.
@@ -173,9 +204,12 @@ def export_adapter(
     """
     adapters = flatten_lora(lora)
     _check_exportable(adapters)
-    tensors, settings = _export_tensors(adapters, module_map)
+    slots = _export_slots(adapters, module_map)
+    tensors, settings = _export_tensors(slots)
     dropouts = [w.dropout for w in adapters.values()]
-    record = export_record(settings, dropouts, base_model_name_or_path, task_type)
+    params = [name for name, (slot, _) in slots.items() if slot.kind == "parameter"]
+    record = export_record(settings, dropouts, base_model_name_or_path, task_type, params)
+    _check_parameter_dropout(slots, record["lora_dropout"])
     st = safetensors()
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,23 @@ import numpy as np
 from lora_jax.core._layout import Layout
 from lora_jax.core._paths import flatten, nest
 from lora_jax.core._weights import LoraWeights, check_fits
-from lora_jax.peft._config import CONFIG_FILE, module_settings, read_config, targeted
-from lora_jax.peft._module_map import ModuleMap, Slot, listing, module_slots, unsupported_reason
-from lora_jax.peft._tensors import WEIGHTS_FILE, group_tensors, read_tensors, torch_weight
+from lora_jax.peft._config import (
+    CONFIG_FILE,
+    module_settings,
+    read_config,
+    targeted,
+    targeted_parameter,
+)
+from lora_jax.peft._module_map import ModuleMap
+from lora_jax.peft._slots import Slot, file_names, listing, module_slots, unsupported_reason
+from lora_jax.peft._tensors import (
+    WEIGHTS_FILE,
+    flax_blocks,
+    group_tensors,
+    read_tensors,
+    torch_shapes,
+    torch_weight,
+)
 
 __all__ = ["import_adapter"]
 
@@ -46,6 +60,24 @@ def _universe(
             continue
         modules.update(module_slots(module_map, path, shape, layouts.get(path)) or {})
     return modules, unsupported
+
+
+def _file_groups(
+    record: Mapping[str, Any],
+    tensors: Mapping[str, np.ndarray],
+    modules: dict[str, Slot],
+    unsupported: list[str],
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """`group_tensors` by module (or parameter) name, reading a parameter's tensors under
+    the key PEFT nests it at for the config's ``target_parameters``."""
+    chosen = {
+        n: s for n, s in modules.items() if s.kind != "parameter" or targeted_parameter(record, n)
+    }
+    stems = file_names(chosen)
+    names = {stem: name for name, stem in stems.items()}
+    by_stem = {stems[n]: s for n, s in chosen.items()}
+    groups, bases = group_tensors(tensors, by_stem, unsupported)
+    return {names[k]: g for k, g in groups.items()}, {names[k]: b for k, b in bases.items()}
 
 
 def _check_bases(bases: dict[str, np.ndarray], modules: Mapping[str, Slot], flat: dict) -> None:
@@ -75,12 +107,11 @@ def _module_factors(
         if set(pair) != {"A", "B"}:
             problems.append(f"{name}: only {sorted(pair)} in the file")
             continue
-        if not targeted(record, name):
+        if slot.kind != "parameter" and not targeted(record, name):
             problems.append(f"{name}: not selected by target_modules/exclude_modules")
             continue
         r, alpha, scale = module_settings(record, name)
-        n_in = math.prod(slot.layout.sizes(slot.shape)[1])
-        want = ((r, n_in), (slot.stop - slot.start, r))
+        want = torch_shapes(slot, r)
         found = (pair["A"].shape, pair["B"].shape)
         if found != want:
             problems.append(f"{name}: A, B have shapes {found}; r={r} and the base need {want}")
@@ -123,8 +154,7 @@ def _assemble(
                     f"{path} is one fused Flax kernel, so its modules must share one A; "
                     f"{other} and {name} have different lora_A weights."
                 )
-            a[slot.index] = A.T
-            b[slot.index][:, slot.start : slot.stop] = B.T
+            a[slot.index], b[slot.index][..., slot.start : slot.stop] = flax_blocks(A, B, slot)
         a, b = a.reshape(*stack, *ins, r), b.reshape(*stack, r, *outs)
         arrays = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
         out[path] = LoraWeights(*arrays, first.layout, scale=scale, dropout=dropout)
@@ -154,8 +184,10 @@ def import_adapter(
     Every tensor key must be ``base_model.model.<module>.<lora_A.weight | lora_B.weight |
     lora_embedding_A | lora_embedding_B>`` for a module that `module_map` makes of a kernel
     of `frozen`, with the shapes PEFT's config gives it (``rank_pattern``/``alpha_pattern``
-    resolved with PEFT's own rule). Stacked layers are stacked back, the modules of a fused
-    kernel joined (they must share A, r and alpha; a missing part gets B = 0). Base weights
+    resolved with PEFT's own rule); the experts of a ``"parameter"`` rule are read from the
+    keys PEFT's nested ``ParamWrapper`` s save for the config's ``target_parameters``.
+    Stacked layers and per-slice modules are stacked back, the modules of a fused kernel
+    joined (they must share A, r and alpha; a missing part gets B = 0). Base weights
     PEFT saved beside targeted embeddings are accepted only when equal to `frozen`'s.
 
     Each adapter carries the scale PEFT computes for its modules, ``lora_alpha / r``
@@ -177,7 +209,8 @@ def import_adapter(
     Raises:
         ValueError: a file is missing or not a PEFT LoRA; the config uses DoRA, bias
             training, ``modules_to_save``, a residual init (PiSSA, OLoRA, CorDA, LoRA-GA)
-            or another variant, or a ``lora_dropout`` outside [0, 1); keys lack the
+            or another variant, a ``lora_dropout`` outside [0, 1) (or any, with
+            ``target_parameters``, which PEFT refuses to load); keys lack the
             ``base_model.model.`` prefix or name no module of the base (all listed); shapes
             that do not fit the config or the base; the modules of one Flax kernel with
             different ranks, alphas or (fused) A's; saved base weights that differ.
@@ -206,7 +239,7 @@ def import_adapter(
     tensors = read_tensors(folder)
     flat = flatten(frozen)
     modules, unsupported = _universe(flat, module_map, layouts or {})
-    groups, bases = group_tensors(tensors, modules, unsupported)
+    groups, bases = _file_groups(record, tensors, modules, unsupported)
     _check_bases(bases, modules, flat)
     factors = _module_factors(record, groups, modules)
     dropout = float(record.get("lora_dropout") or 0.0)

@@ -1,26 +1,26 @@
 """Module maps: how a Flax kernel path becomes PyTorch module names, for PEFT interop.
 
 A `ModuleMap` holds one `ModuleRule` per kind of kernel: the name template (regex groups
-and ``{0}``, ``{1}``... for stacked-layer indices), the transpose, the flattening of
-multi-axis kernels (head-major), and the split of fused kernels.
-`lora_jax.peft.export_adapter` and `lora_jax.peft.import_adapter` use it, through
-`module_slots` (where each module sits in a kernel, as `Slot`) and `unsupported_reason`.
+and ``{0}``, ``{1}``... for the indices, or `names`, along the kernel's stack axes), the
+transpose, the flattening of multi-axis kernels (head-major), the split of fused kernels,
+and expert stacks as PEFT's ``target_parameters``. `lora_jax.peft.export_adapter` and
+`lora_jax.peft.import_adapter` use it through `lora_jax.peft._slots`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import string
-import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from lora_jax.core._layout import Layout, matrix_layout
+from lora_jax.core._layout import Layout
+from lora_jax.peft._slots import module_slots, unsupported_reason
 
 __all__ = ["ModuleMap", "ModuleRule"]
+
+KINDS = (None, "linear", "embedding", "parameter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +30,35 @@ class ModuleRule:
     Attributes:
         pattern: a regex that must match the whole `/`-joined Flax path.
         module: the PyTorch module name template (without ``base_model.model.``), or a
-            tuple of them to split a fused kernel along its flattened output. Groups of
-            `pattern` expand as in `re.Match.expand` (``\\1``, ``\\g<name>``); ``{0}``,
-            ``{1}``... stand for the indices along the kernel's stack axes (scanned
-            layers), and each stack axis needs its placeholder.
+            tuple of them to split a fused kernel along its flattened output; for kind
+            ``"parameter"``, the full name of one ``nn.Parameter``. Groups of `pattern`
+            expand as in `re.Match.expand` (``\\1``, ``\\g<name>``); ``{0}``, ``{1}``...
+            stand for the indices along the kernel's stack axes (in `Layout.stack_axes`
+            order: scanned layers, stacked projections), and each stack axis needs its
+            placeholder (all but the experts axis, for a ``"parameter"``).
         sizes: widths of the parts of a fused kernel along its flattened output, one per
             template; None splits it into equal parts.
-        kind: ``"linear"`` or ``"embedding"`` (PEFT's tensor names); None takes
+        kind: ``"linear"`` or ``"embedding"`` (PEFT's tensor names), or ``"parameter"``:
+            an expert stack whose *last* stack axis holds the experts becomes one 3-D
+            ``nn.Parameter`` that PEFT adapts through ``target_parameters``. None takes
             ``"embedding"`` for an ``embed`` layout and ``"linear"`` otherwise.
+        names: ``{placeholder: names}``: placeholder ``{i}`` becomes ``names[i][index]``
+            instead of the index, e.g. for a stack axis that holds different projections
+            (one adapter per slice of a ``(2, d, heads, head_dim)`` k/v kernel, exported
+            as separate ``k_proj`` / ``v_proj`` modules). Its length must be the axis size.
+        parameter_order: kind ``"parameter"``: the names of the PyTorch module's parameters
+            in registration order (``named_parameters(recurse=False)``). PEFT wraps each
+            targeted parameter of a module in one more `ParamWrapper`, in that order, and
+            the nesting is in the saved keys (the first of two is saved as
+            ``experts.base_layer.lora_A.weight``), so it is needed when an adapter holds
+            more than one parameter of a module.
+        swap_factors: kind ``"parameter"``: PEFT takes axis 2 of an ``(E, d1, d2)``
+            parameter as the input of its ``lora_A`` (axis 1 when the module sets
+            ``is_transposed``): the Flax kernel's input for transformers' experts
+            (Qwen3Moe, Mixtral ``(E, out, in)``; GptOss ``(E, in, out)`` with
+            ``is_transposed``). True where it is the Flax output (a module that stores
+            ``(E, in, out)`` without ``is_transposed``, e.g. Llama4): ``lora_A`` then
+            holds our b and ``lora_B`` our a.
 
     Example:
         >>> import lora_jax as lj
@@ -46,12 +67,35 @@ class ModuleRule:
         ... )
         >>> lj.peft.ModuleMap((rule,)).modules_for("params/layers_3/fc/kernel", (8, 4))
         ['model.layers.3.fc']
+
+        One adapter per slice of a k/v kernel ``(2, d, heads, head_dim)`` (its axis 0 a
+        stack axis), as two PEFT modules:
+
+        >>> kv = lj.peft.ModuleRule(r"params/layers_(\\d+)/attn/kv",
+        ...     r"model.layers.\\1.self_attn.{0}", names={0: ("k_proj", "v_proj")})
+        >>> layout = lj.Layout("einsum", (1,), (2, 3), stack_axes=(0,))
+        >>> kv_map = lj.peft.ModuleMap((kv,))
+        >>> kv_map.modules_for("params/layers_0/attn/kv", (2, 8, 2, 4), layout)
+        ['model.layers.0.self_attn.k_proj', 'model.layers.0.self_attn.v_proj']
+
+        Expert kernels ``(experts, in, out)`` as Qwen3Moe's ``gate_up_proj`` parameters:
+
+        >>> experts = lj.peft.ModuleRule(r"params/layers_(\\d+)/moe/gate_up",
+        ...     r"model.layers.\\1.mlp.experts.gate_up_proj", kind="parameter",
+        ...     parameter_order=("gate_up_proj", "down_proj"))
+        >>> layout = lj.Layout("einsum", (1,), (2,), stack_axes=(0,))
+        >>> moe_map = lj.peft.ModuleMap((experts,))
+        >>> moe_map.modules_for("params/layers_1/moe/gate_up", (4, 8, 6), layout)
+        ['model.layers.1.mlp.experts.gate_up_proj']
     """
 
     pattern: str
     module: str | tuple[str, ...]
     sizes: tuple[int, ...] | None = None
     kind: str | None = None
+    names: Mapping[int, Sequence[str]] | tuple[tuple[int, tuple[str, ...]], ...] = ()
+    parameter_order: tuple[str, ...] | None = None
+    swap_factors: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -76,10 +120,33 @@ class ModuleRule:
                     f"template); found {self.sizes!r}."
                 )
             object.__setattr__(self, "sizes", sizes)
-        if self.kind not in (None, "linear", "embedding"):
+        if self.kind not in KINDS:
+            raise ValueError(f"ModuleRule `kind` must be one of {KINDS}; found {self.kind!r}.")
+        object.__setattr__(self, "names", _checked_names(self.names))
+        self._check_parameter_fields(modules)
+
+    def _check_parameter_fields(self, modules: tuple[str, ...]) -> None:
+        if self.kind != "parameter":
+            if self.parameter_order is not None or self.swap_factors:
+                raise ValueError(
+                    "ModuleRule `parameter_order` and `swap_factors` are for kind "
+                    f"'parameter'; this rule has kind {self.kind!r}."
+                )
+            return
+        if len(modules) > 1:
             raise ValueError(
-                f"ModuleRule `kind` must be None, 'linear' or 'embedding'; found {self.kind!r}."
+                f"a 'parameter' ModuleRule names one nn.Parameter; found {modules!r} (PEFT's "
+                "target_parameters adapts each parameter on its own, with its own A)."
             )
+        if self.parameter_order is not None:
+            order = self.parameter_order
+            ok = not isinstance(order, str) and all(isinstance(n, str) and n for n in order)
+            if not ok or len(set(order)) != len(order):
+                raise ValueError(
+                    "ModuleRule `parameter_order` must be distinct parameter names (as "
+                    f"`named_parameters(recurse=False)` lists them); found {order!r}."
+                )
+            object.__setattr__(self, "parameter_order", tuple(order))
 
     @property
     def templates(self) -> tuple[str, ...]:
@@ -87,17 +154,21 @@ class ModuleRule:
         return (self.module,) if isinstance(self.module, str) else tuple(self.module)
 
 
-@dataclasses.dataclass(frozen=True)
-class Slot:
-    """Where one PyTorch module's adapter sits in a Flax kernel."""
-
-    path: str
-    index: tuple[int, ...]  # along the stack axes
-    start: int  # slice of the flattened output
-    stop: int
-    kind: str  # "linear" or "embedding"
-    layout: Layout
-    shape: tuple[int, ...]  # of the whole Flax kernel
+def _checked_names(names: object) -> tuple[tuple[int, tuple[str, ...]], ...]:
+    """`names` as sorted ``(placeholder, names)`` pairs; a ValueError when malformed."""
+    pairs = names.items() if isinstance(names, Mapping) else names
+    out = []
+    for pair in pairs:  # type: ignore[attr-defined]
+        i, labels = pair
+        ok_key = isinstance(i, int | np.integer) and not isinstance(i, bool) and i >= 0
+        ok = not isinstance(labels, str) and all(isinstance(n, str) and n for n in labels)
+        if not ok_key or not ok or not labels or len(set(labels)) != len(labels):
+            raise ValueError(
+                "ModuleRule `names` must map placeholder numbers (ints >= 0) to distinct "
+                f"non-empty names, e.g. {{0: ('k_proj', 'v_proj')}}; found {names!r}."
+            )
+        out.append((int(i), tuple(labels)))
+    return tuple(sorted(out))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +234,8 @@ class ModuleMap:
             layout: the kernel's layout; needed for more than 2 axes.
 
         Returns:
-            The module names (several for a stacked or fused kernel); empty when no rule
-            matches.
+            The module names (several for a stacked or fused kernel; parameter names for
+            a ``"parameter"`` rule); empty when no rule matches.
 
         Raises:
             ValueError: the path is `unsupported`, or the rule does not fit the kernel.
@@ -173,74 +244,3 @@ class ModuleMap:
         if reason is not None:
             raise ValueError(f"{path}: {reason}")
         return list(module_slots(self, path, tuple(shape), layout) or {})
-
-
-def unsupported_reason(module_map: ModuleMap, path: str) -> str | None:
-    """Why `module_map` marks the kernel at `path` unsupported; None when it does not."""
-    pairs = typing.cast(tuple[tuple[str, str], ...], module_map.unsupported)  # __post_init__
-    return next((why for pat, why in pairs if re.fullmatch(pat, path)), None)
-
-
-def module_slots(
-    module_map: ModuleMap, path: str, shape: tuple[int, ...], layout: Layout | None
-) -> dict[str, Slot] | None:
-    """``{module name: Slot}`` for the kernel at `path` (stacked layers, fused parts);
-    None when no rule matches. A ValueError when the first matching rule does not fit."""
-    hit = next(((r, m) for r in module_map.rules if (m := re.fullmatch(r.pattern, path))), None)
-    if hit is None:
-        return None
-    rule, match = hit
-    layout = layout or matrix_layout(len(shape))
-    if layout is None or layout.ndim != len(shape):
-        raise ValueError(
-            f"{path} has shape {shape}: which axes are inputs, outputs or stacked layers "
-            f"cannot be known from the shape alone; pass "
-            f"layouts=lj.infer_layouts(model.apply, variables, *example_inputs)."
-        )
-    if layout.kind == "conv":
-        raise ValueError(f"{path}: conv kernels are not supported by the PEFT exchange.")
-    stack, _, outs = layout.sizes(shape)
-    templates = [match.expand(t) for t in rule.templates]
-    sizes = rule.sizes or _equal_parts(path, math.prod(outs), len(templates))
-    if sum(sizes) != math.prod(outs):
-        raise ValueError(
-            f"{path}: the rule's sizes {sizes} sum to {sum(sizes)}, but the kernel's "
-            f"flattened output has {math.prod(outs)} features."
-        )
-    for template in templates:
-        _check_placeholders(path, template, len(stack))
-    kind = rule.kind or ("embedding" if layout.kind == "embed" else "linear")
-    slots = {}
-    for index in np.ndindex(*stack):
-        start = 0
-        for template, size in zip(templates, sizes, strict=True):
-            name = template.format(*index)
-            slots[name] = Slot(path, index, start, start + size, kind, layout, shape)
-            start += size
-    return slots
-
-
-def _equal_parts(path: str, width: int, n: int) -> tuple[int, ...]:
-    if width % n:
-        raise ValueError(f"{path}: {width} output features do not split into {n} equal parts.")
-    return (width // n,) * n
-
-
-def _check_placeholders(path: str, template: str, n_stack: int) -> None:
-    try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    except ValueError as err:
-        raise ValueError(f"{path}: module template {template!r} is malformed: {err}.") from err
-    want = {str(i) for i in range(n_stack)}
-    if fields != want:
-        raise ValueError(
-            f"{path}: module template {template!r} has placeholders {sorted(fields)}, but the "
-            f"kernel has {n_stack} stack axes and needs exactly {sorted(want)} (one module per "
-            f"stacked layer)."
-        )
-
-
-def listing(names: list[str], limit: int = 20) -> str:
-    """The names one per indented line (at most `limit`), for error messages."""
-    more = f"\n  ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return "\n  " + "\n  ".join(names[:limit]) + more

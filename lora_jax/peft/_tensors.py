@@ -5,6 +5,13 @@ Keys are ``base_model.model.<module>.<suffix>``; a Linear's ``lora_A.weight`` is
 ``lora_embedding_A`` is ``(r, vocab)`` and ``lora_embedding_B`` ``(dim, r)``. Multi-axis
 kernels are flattened row-major in the layout's axis order, fused ones sliced along their
 flattened output (see `lora_jax.peft.ModuleMap`).
+
+An expert stack (PEFT's ``target_parameters``, `ParamWrapper` in
+``peft/tuners/lora/layer.py``) keeps one rank-r pair per expert e in two Linears:
+``lora_A.weight`` ``(E*r, in)`` holds ``a_e.T`` in rows ``e*r .. e*r+r`` (expert-major),
+``lora_B.weight`` ``(out, r*E)`` holds ``b_e.T`` in columns ``k*E + e`` (rank-major,
+`get_delta_weight` reshapes it to ``(out, r, E)``); the update of expert e is
+``lora_alpha / r * B_e @ A_e``. With `Slot.swap` PEFT's in/out are our out/in.
 """
 
 from __future__ import annotations
@@ -18,14 +25,16 @@ from typing import Any
 import numpy as np
 
 from lora_jax.core._paths import close_matches
-from lora_jax.peft._module_map import Slot, listing
+from lora_jax.peft._slots import Slot, listing
 
 __all__ = [
     "WEIGHTS_FILE",
     "PREFIX",
     "SUFFIX",
     "safetensors",
-    "torch_factor",
+    "torch_factors",
+    "flax_blocks",
+    "torch_shapes",
     "read_tensors",
     "group_tensors",
     "torch_weight",
@@ -44,6 +53,7 @@ SUFFIX = {
     ("embedding", "B"): "lora_embedding_B",
 }
 _FACTOR = {suffix: kind_factor for kind_factor, suffix in SUFFIX.items()}
+SUFFIX |= {("parameter", "A"): "lora_A.weight", ("parameter", "B"): "lora_B.weight"}
 
 
 def safetensors() -> Any:
@@ -59,12 +69,44 @@ def safetensors() -> Any:
     return safetensors
 
 
-def torch_factor(x: Any, slot: Slot, factor: str) -> np.ndarray:
-    """The PyTorch tensor of one factor: A ``(r, in)``, B ``(out_part, r)``."""
-    m = np.asarray(x)[slot.index]
-    if factor == "A":
-        return np.ascontiguousarray(m.reshape(-1, m.shape[-1]).T)
-    return np.ascontiguousarray(m.reshape(m.shape[0], -1)[:, slot.start : slot.stop].T)
+def torch_factors(a: Any, b: Any, slot: Slot) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's ``(lora_A, lora_B)`` of one slot: ``(r, in)`` and ``(out_part, r)``; for a
+    parameter ``(E*r, in)`` and ``(out, r*E)`` (in and out swapped with `Slot.swap`)."""
+    a_blk, b_blk = np.asarray(a)[slot.index], np.asarray(b)[slot.index]
+    if slot.kind != "parameter":
+        r = a_blk.shape[-1]
+        A, B = a_blk.reshape(-1, r).T, b_blk.reshape(r, -1)[:, slot.start : slot.stop].T
+        return np.ascontiguousarray(A), np.ascontiguousarray(B)
+    n, r = slot.experts, a_blk.shape[-1]
+    a3, b3 = a_blk.reshape(n, -1, r), b_blk.reshape(n, r, -1)  # (E, in, r), (E, r, out)
+    lhs, rhs = (b3.transpose(0, 2, 1), a3.transpose(0, 2, 1)) if slot.swap else (a3, b3)
+    A = lhs.transpose(0, 2, 1).reshape(n * r, -1)  # row e*r + k: lhs[e, :, k]
+    B = rhs.transpose(2, 1, 0).reshape(rhs.shape[2], r * n)  # column k*E + e: rhs[e, k]
+    return np.ascontiguousarray(A), np.ascontiguousarray(B)
+
+
+def flax_blocks(A: np.ndarray, B: np.ndarray, slot: Slot) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of `torch_factors`: ``a[slot.index]`` ``(..., in, r)`` and the slot's
+    part of ``b[slot.index]`` ``(..., r, out_part)``, inputs and outputs flattened."""
+    if slot.kind != "parameter":
+        return A.T, B.T
+    n = slot.experts
+    r = A.shape[0] // n
+    lhs = A.reshape(n, r, -1).transpose(0, 2, 1)  # (E, in, r) in PEFT's terms
+    rhs = B.reshape(B.shape[0], r, n).transpose(2, 1, 0)  # (E, r, out)
+    if slot.swap:
+        return rhs.transpose(0, 2, 1), lhs.transpose(0, 2, 1)
+    return lhs, rhs
+
+
+def torch_shapes(slot: Slot, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The shapes of ``lora_A`` and ``lora_B`` that PEFT gives the slot's module at rank r."""
+    n_in = math.prod(slot.layout.sizes(slot.shape)[1])
+    n_out = slot.stop - slot.start
+    if slot.kind != "parameter":
+        return (r, n_in), (n_out, r)
+    p_in, p_out = (n_out, n_in) if slot.swap else (n_in, n_out)
+    return (slot.experts * r, p_in), (p_out, r * slot.experts)
 
 
 def read_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
@@ -90,7 +132,7 @@ def group_tensors(
             bad["module"].append(key)
         elif hit["suffix"] == "base_layer.weight":
             bases[hit["module"]] = tensors[key]
-        elif _FACTOR[hit["suffix"]][0] != modules[hit["module"]].kind:
+        elif _FACTOR[hit["suffix"]][0] != _file_kind(modules[hit["module"]].kind):
             bad["kind"].append(f"{key} (the module is {modules[hit['module']].kind})")
         else:
             groups.setdefault(hit["module"], {})[_FACTOR[hit["suffix"]][1]] = tensors[key]
@@ -99,6 +141,11 @@ def group_tensors(
     if not groups:
         raise ValueError("the adapter holds no LoRA tensors.")
     return groups, bases
+
+
+def _file_kind(kind: str) -> str:
+    """The tensor names a slot's kind is saved with: a parameter's are a Linear's."""
+    return "linear" if kind == "parameter" else kind
 
 
 def _unmatched_message(
