@@ -154,16 +154,28 @@ def low_rank_conv(x: Any, cur: Any, view: Any, params: dict) -> Any:
     dn = params["dimension_numbers"]
     lay, axes = cur.layout, view.axes
     out_axis = axes[dn.rhs_spec[0]]
-    if cur.mixed or lay.stack_axes or list(lay.out_axes) != [out_axis]:
+    if lay.stack_axes or list(lay.out_axes) != [out_axis]:
         return None
     if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
         return None
+    a = cur.a
+    if cur.mixed:  # all k adapters' a in one conv to k·r channels; each example picks its own
+        _check_examples(x, [dn.lhs_spec[0]], cur)
+        a = jnp.moveaxis(a, 0, -2).reshape(*a.shape[1:-1], -1)
     order = [*lay.in_axes, out_axis]
-    a_val = jnp.transpose(cur.a, [order.index(k) for k in axes]).astype(x.dtype)
+    a_val = jnp.transpose(a, [order.index(k) for k in axes]).astype(x.dtype)
     h = lax.conv_general_dilated_p.bind(x, a_val, **params)
-    h = jnp.moveaxis(h, dn.out_spec[1], -1) * jnp.asarray(cur.scale, h.dtype)
-    y = h @ cur.b.astype(h.dtype)
-    return jnp.moveaxis(y, -1, dn.out_spec[1])
+    h = jnp.moveaxis(h, (dn.out_spec[0], dn.out_spec[1]), (0, -1))  # (examples, ..., channels)
+    if cur.mixed:
+        k, r = cur.a.shape[0], cur.a.shape[-1]
+        h = h.reshape(*h.shape[:-1], k, r)
+        pick = cur.rows.reshape(-1, *([1] * (h.ndim - 1)))
+        h = jnp.take_along_axis(h, pick, axis=-2)[..., 0, :]
+        h = h * _gain(cur, 0, h.ndim, h.dtype)
+        y = jnp.einsum("n...r,nro->n...o", h, jnp.take(cur.b, cur.rows, axis=0).astype(h.dtype))
+    else:
+        y = (h * jnp.asarray(cur.scale, h.dtype)) @ cur.b.astype(h.dtype)
+    return jnp.moveaxis(y, (0, -1), (dn.out_spec[0], dn.out_spec[1]))
 
 
 def _two_d(x, cur, first, second, swap, xc, k_contract, k_free, side):

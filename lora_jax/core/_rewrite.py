@@ -27,7 +27,7 @@ from jax.extend.core import Literal
 
 from lora_jax.core._contract import low_rank_conv, low_rank_dot, low_rank_ragged
 from lora_jax.core._flow import cond, remat, scan, while_loop
-from lora_jax.core._views import Current, View, reshaped
+from lora_jax.core._views import Current, View, reshaped, sliced
 
 __all__ = ["CALLS", "CUSTOM", "PASS", "REMAT", "Current", "Interpreter", "View"]
 
@@ -136,10 +136,15 @@ class Interpreter:
         if name == "transpose":
             out = eqn.primitive.bind(*invals, **eqn.params)
             return [out], [View(view.path, tuple(view.axes[p] for p in eqn.params["permutation"]))]
-        if name == "reshape" and len(invals) == 1 and eqn.params.get("dimensions") is None:
+        if name in ("reshape", "squeeze") and len(invals) == 1 and view is not None:
             found = self.reshape(eqn, invals[0], view, adapters)
             if found is not None:
                 return found
+        if name in ("slice", "dynamic_slice") and view is not None and not any(inviews[1:]):
+            starts = invals[1:] if name == "dynamic_slice" else None
+            cut = sliced(adapters[view.path], view, invals[0].shape, eqn.params, starts)
+            if cut is not None:
+                return self.derived(eqn, invals, view, cut, adapters)
         contraction = {
             "dot_general": self.dot_general,
             "gather": self.gather,
@@ -169,14 +174,21 @@ class Interpreter:
 
     # -- views -----------------------------------------------------------------------------
     def reshape(self, eqn: Any, value: Any, view: View, adapters: dict) -> tuple | None:
-        old, new = tuple(value.shape), tuple(eqn.params["new_sizes"])
+        if eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is not None:
+            return None
+        old, new = tuple(value.shape), tuple(eqn.outvars[0].aval.shape)
         cur = reshaped(adapters[view.path], view, old, new)
         if cur is None:
             return None
-        key = f"{view.path}#reshape{len(adapters)}"
+        return self.derived(eqn, [value], View(view.path, tuple(range(len(new)))), cur, adapters)
+
+    def derived(self, eqn: Any, invals: list, view: View, cur: Current, adapters: dict) -> tuple:
+        """The equation's value, viewing a kernel-shaped value with its own adapter `cur`
+        (the factors reshaped or cut as the kernel was), axes as `view` numbers them."""
+        key = f"{view.path.split('#')[0]}#{len(adapters)}"
         adapters[key] = cur
-        out = eqn.primitive.bind(value, **eqn.params)
-        return [out], [View(key, tuple(range(len(new))))]
+        out = eqn.primitive.bind(*invals, **eqn.params)
+        return [out], [View(key, view.axes)]
 
     # -- contractions --------------------------------------------------------------------
     def dot_general(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> Any:

@@ -10,11 +10,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from lora_jax.core._layout import Layout
 from lora_jax.core._weights import LoraWeights, scaled_delta
 
-__all__ = ["Current", "View", "groups_of", "reshaped", "without_axis"]
+__all__ = ["Current", "View", "groups_of", "reshaped", "sliced", "without_axis"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,3 +140,30 @@ def reshaped(
     b = b.reshape(*sizes(stack), *k_axes, cur.a.shape[-1], *sizes(outs))
     layout = Layout("einsum", ins, outs, stack)
     return dataclasses.replace(cur, a=a, b=b, layout=layout)
+
+
+def sliced(cur: Current, view: View, shape: tuple[int, ...], params: dict, starts: Any) -> Any:
+    """The adapter of a ``slice`` (`starts` None) or ``dynamic_slice`` (`starts` the traced
+    start indices) of a value viewing `cur`'s kernel, when only stack axes are cut: the
+    factors cut the same way along those axes (one adapter per kept index). None when an
+    input or output axis is cut (the use is then merged)."""
+    a, b, lay = cur.a, cur.b, cur.layout
+    for i, size in enumerate(shape):
+        if starts is None:
+            lo, hi = params["start_indices"][i], params["limit_indices"][i]
+            step = int((params["strides"] or (1,) * len(shape))[i])
+            if (lo, hi, step) == (0, size, 1):
+                continue
+        elif params["slice_sizes"][i] == size:
+            continue  # a full-size dynamic slice starts at 0 (the start is clamped)
+        if view.axes[i] not in lay.stack_axes:
+            return None
+        pos = lay.stack_axes.index(view.axes[i])
+        if starts is None:
+            a = lax.slice_in_dim(a, lo, hi, step, axis=pos)
+            b = lax.slice_in_dim(b, lo, hi, step, axis=pos)
+        else:
+            n = params["slice_sizes"][i]
+            a = lax.dynamic_slice_in_dim(a, starts[i], n, axis=pos)
+            b = lax.dynamic_slice_in_dim(b, starts[i], n, axis=pos)
+    return dataclasses.replace(cur, a=a, b=b)
