@@ -16,6 +16,9 @@ Rows (targets on a CPU in brackets):
   ``factored (dot_general)``): LoRA all-linear / its full fine-tune [<= 0.72], that ratio
   minus the stock model's all-linear ratio [<= +0.03: the custom style costs at most 0.03
   more; being cheaper is fine], and LoRA q/v / full.
+- A mixture-of-experts twin (`MoEGPT`: each MLP 8 experts, top-2, sorted tokens through
+  `jax.lax.ragged_dot`; each LoRA adapter checked to route ``factored (...)``): expert
+  LoRA (expert kernels and attention, not the router) / its full fine-tune [<= 0.75].
 - Peak memory of a LoRA run / a full fine-tune run [q/v <= 0.70], optimizer-state bytes.
 - Forward with an adapter merged into the weights / base forward [<= 1.02].
 - Mixed batch over 4 adapters / one adapter [<= 1.2] (traces / calls shows swapping
@@ -29,6 +32,7 @@ Usage::
     python -m train.benchmark                 # the medium model (~10 minutes on 2 CPU cores)
     python -m train.benchmark --preset tiny   # a smoke run (seconds)
     python -m train.benchmark --part serving  # only the serving rows
+    python -m train.benchmark --part moe      # only the mixture-of-experts rows
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import jax
 
 from train.bench import files, processes
 from train.bench.models import GPT, PRESETS, RANK, GPTConfig
+from train.bench.moe import EXPERTS, TOP_K, moe_runners
 from train.bench.serving import SERVING_ADAPTERS, serving_runners
 from train.bench.steps import (
     ALL_LINEAR,
@@ -59,11 +64,12 @@ from train.bench.steps import (
     paired_gap,
 )
 
-PARTS = ("train", "serving", "files", "memory", "scaling")
+PARTS = ("train", "moe", "serving", "files", "memory", "scaling")
 TARGETS = {
     "lora q/v": 0.65,
     "lora all-linear": 0.75,
     "custom all-linear": 0.72,
+    "moe expert lora": 0.75,
     "memory q/v": 0.70,
     "merged forward": 1.02,
     "mixed": 1.2,
@@ -134,6 +140,19 @@ def train_rows(runners: dict[str, Runner]) -> list[str]:
         _ratio_row("factored / merged LoRA step (all-linear)", runners["all"], merged, 1),
     ]
     return rows + custom_rows(runners)
+
+
+def moe_rows(runners: dict[str, Runner]) -> list[str]:
+    return [
+        _ratio_row(
+            f"MoE ({EXPERTS} experts, top-{TOP_K}): expert LoRA (experts + attention) step "
+            "/ full fine-tune step",
+            runners["moe lora"],
+            runners["moe full"],
+            1,
+            "moe expert lora",
+        )
+    ]
 
 
 def serving_rows(runners: list[Runner]) -> list[str]:
@@ -209,7 +228,7 @@ def step_table(runners: dict[str, Runner]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for key, r in runners.items():
-        full = runners["custom full" if key.startswith("custom") else "full"]
+        full = runners[next((f"{m} full" for m in ("custom", "moe") if key.startswith(m)), "full")]
         med = statistics.median(r.times)
         ratio, low, high = paired(r, full)
         lines.append(
@@ -274,6 +293,11 @@ def main(argv: list[str] | None = None) -> str:
         measure(list(runners.values()), args.rounds)
         rows += train_rows(runners)
         details.append("Training steps:\n\n" + step_table(runners))
+    if "moe" in parts:
+        moe = moe_runners(cfg, ids)
+        measure(list(moe.values()), args.rounds)
+        rows += moe_rows(moe)
+        details.append("Mixture-of-experts training steps:\n\n" + step_table(moe))
     if "serving" in parts:
         serving = serving_runners(model, variables, ids)
         measure(serving, args.rounds)
@@ -291,7 +315,8 @@ def main(argv: list[str] | None = None) -> str:
         f"Model: {cfg.layers} layers, d_model {cfg.d_model}, {cfg.heads} heads, vocab "
         f"{cfg.vocab}, seq {cfg.seq}, batch {cfg.batch}, float32, adamw, rank {RANK}; "
         f"{args.rounds} rounds; the custom-style rows use the same model written with "
-        f"raw params and einsums. Machine: {platform.machine()} "
+        f"raw params and einsums; the MoE rows use it with {EXPERTS} experts (top-{TOP_K}, "
+        f"each {4 // TOP_K} x d_model wide) as every MLP. Machine: {platform.machine()} "
         f"{jax.devices()[0].platform.upper()}, {jax.device_count()} device(s), "
         f"jax {jax.__version__}.\n\n"
         "| measure | this | against | ratio (range) | target |\n|---|---|---|---|---|\n"

@@ -49,7 +49,7 @@ class Runner:
     traces: int = 0
 
 
-def full_runner(model: GPT | CustomGPT, variables: dict, ids: jax.Array, name: str = "") -> Runner:
+def full_runner(model: nn.Module, variables: dict, ids: jax.Array, name: str = "") -> Runner:
     tx = optax.adamw(1e-4)
     params = jax.tree.map(jnp.array, variables)  # own buffers: they are donated
     state = {"params": params, "opt": tx.init(params)}
@@ -68,19 +68,19 @@ def full_runner(model: GPT | CustomGPT, variables: dict, ids: jax.Array, name: s
     return Runner(name or "full fine-tune", run, n, _bytes(variables), _bytes(state["opt"]))
 
 
-def require_routes(
-    model: GPT | CustomGPT, frozen: Any, lora: Any, ids: jax.Array, route: str
-) -> None:
-    """Raises unless `lj.routes` sends every adapter by `route`, so that a factored
-    variant can never silently time the merged path."""
-    wrong = {p: r for p, r in lj.routes(model.apply, frozen, lora, ids).items() if r != route}
+def require_routes(model: nn.Module, frozen: Any, lora: Any, ids: jax.Array, route: str) -> None:
+    """Raises unless `lj.routes` sends every adapter by `route` (or by ``route (...)``:
+    ``"factored"`` takes any factored route), so that a factored variant can never
+    silently time the merged path."""
+    fits = lambda r: r == route or r.startswith(f"{route} (")
+    wrong = {p: r for p, r in lj.routes(model.apply, frozen, lora, ids).items() if not fits(r)}
     if wrong:
         raise RuntimeError(f"{type(model).__name__}: adapters not routed {route!r}: {wrong}")
 
 
 def lora_runner(
     name: str,
-    model: GPT | CustomGPT,
+    model: nn.Module,
     variables: dict,
     ids: jax.Array,
     targets: str,
