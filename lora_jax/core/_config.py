@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import inspect
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.core._presets import PRESET_FNS, PRESETS
+from lora_jax.core._patterns import freeze_pattern, freeze_spec, matching, pairs, pattern_hits
+from lora_jax.core._presets import PRESETS
 
 __all__ = ["LoraConfig", "PRESETS", "INITS", "DROPOUT_RNG"]
 
@@ -25,77 +23,12 @@ DROPOUT_RNG = "lora_dropout"
 INITS = ("normal", "kaiming_uniform", "gaussian", "pissa")
 
 
-def _freeze_spec(spec: Any, field: str) -> Any:
-    """Validates a target spec and makes it hashable (lists become tuples)."""
-    if spec is None:
-        return spec
-    if callable(spec):
-        _check_callable(spec, field)
-        return spec
-    patterns = (spec,) if isinstance(spec, str) else tuple(spec)
-    if not patterns:
-        raise ValueError(f"`{field}` is an empty list; give at least one pattern.")
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise TypeError(
-                f"`{field}` entries must be regex strings; found {pattern!r} "
-                f"of type {type(pattern).__name__}."
-            )
-        if pattern in PRESET_FNS:
-            continue
-        near = difflib.get_close_matches(pattern, list(PRESETS), n=1, cutoff=0.75)
-        if near or re.fullmatch(r"[a-z]+(-[a-z]+)+", pattern):
-            raise ValueError(
-                f"`{field}`: unknown preset {pattern!r}; presets are "
-                f"{', '.join(repr(p) for p in PRESETS)}. A regex must match the whole path."
-            )
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"`{field}` pattern {pattern!r} is not a valid regex: {err}.") from err
-    return spec if isinstance(spec, str) else patterns
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_callable(fn: Callable[..., Any], field: str) -> None:
-    """A callable spec must take ``(path, leaf)``; say so now, not deep inside `split`."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return
-    try:
-        sig.bind("params/kernel", None)
-    except TypeError as err:
-        name = getattr(fn, "__name__", "callable")
-        raise TypeError(
-            f"`{field}` callable must take two arguments, (path, leaf), and return a bool; "
-            f"found {name}{sig}. Example: {field}=lambda path, leaf: path.endswith('/kernel')."
-        ) from err
-
-
-def _pairs(pattern: Any) -> tuple[tuple[str, Any], ...]:
-    return tuple(pattern.items()) if isinstance(pattern, Mapping) else tuple(pattern)
-
-
-def _freeze_pattern(pattern: Any, field: str, kind: type) -> tuple[tuple[str, Any], ...]:
-    items = _pairs(pattern)
-    for key, value in items:
-        try:
-            re.compile(key)
-        except re.error as err:
-            raise ValueError(f"`{field}` key {key!r} is not a valid regex: {err}.") from err
-        if kind is int and (not isinstance(value, (int, np.integer)) or value < 1):
-            raise ValueError(f"`{field}[{key!r}]` must be an integer >= 1; found {value!r}.")
-        if kind is float and (not isinstance(value, (int, float)) or value <= 0):
-            raise ValueError(f"`{field}[{key!r}]` must be a number > 0; found {value!r}.")
-    return items
-
-
-def _pattern_hits(key: str, path: str) -> bool:
-    """PEFT-style pattern match: the whole path, or a trailing run of module names."""
-    if re.fullmatch(key, path):
-        return True
-    module = path.rsplit("/", 1)[0]
-    return bool(re.fullmatch(rf"(?:.*/)?(?:{key})", module))
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -128,6 +61,10 @@ class LoraConfig:
             as PEFT's ``"gaussian"``, B = 0) or ``"pissa"`` (A, B from the top-r singular
             vectors of W; the frozen base becomes the residual).
         dtype: dtype of the adapter weights (float32 by default, also for a bf16 base).
+        slices: ``{regex: axis}``, keys matched like `rank_pattern`: kernels whose path matches
+            hold several projections along `axis` (k and v; gate and up): each slice gets its
+            own adapter, as PEFT has for separate modules. Without it one adapter spans the
+            whole kernel (the axis is an output axis). A negative axis counts from the end.
 
     Example:
         >>> import lora_jax as lj
@@ -146,6 +83,7 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
     init: str = "normal"
     dtype: Any = jnp.float32
+    slices: Mapping[str, int] | tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
@@ -165,10 +103,18 @@ class LoraConfig:
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"`dtype` must be a floating dtype; found {dtype}.")
         set_ = object.__setattr__
-        set_(self, "targets", _freeze_spec(self.targets, "targets"))
-        set_(self, "exclude", _freeze_spec(self.exclude, "exclude"))
-        set_(self, "rank_pattern", _freeze_pattern(self.rank_pattern, "rank_pattern", int))
-        set_(self, "alpha_pattern", _freeze_pattern(self.alpha_pattern, "alpha_pattern", float))
+        set_(self, "targets", freeze_spec(self.targets, "targets"))
+        set_(self, "exclude", freeze_spec(self.exclude, "exclude"))
+        ranks = freeze_pattern(
+            self.rank_pattern, "rank_pattern", lambda r: _is_int(r) and r >= 1, "an integer >= 1"
+        )
+        alphas = freeze_pattern(
+            self.alpha_pattern, "alpha_pattern", lambda a: _is_number(a) and a > 0, "a number > 0"
+        )
+        slices = freeze_pattern(self.slices, "slices", _is_int, "an int axis")
+        set_(self, "rank_pattern", ranks)
+        set_(self, "alpha_pattern", alphas)
+        set_(self, "slices", slices)
 
     def patterns(self) -> tuple[str, ...]:
         """The target regexes and preset names, or `()` when `targets` is a callable."""
@@ -188,7 +134,7 @@ class LoraConfig:
         Returns:
             The patterns that match; empty when none do.
         """
-        return _matching(self.targets, path, leaf, kind)
+        return matching(self.targets, path, leaf, kind)
 
     def is_excluded(self, path: str, leaf: Any, kind: str = "matrix") -> bool:
         """Whether `exclude` removes `path` from the targets.
@@ -201,7 +147,7 @@ class LoraConfig:
         Returns:
             True when an `exclude` pattern or callable selects the path.
         """
-        return self.exclude is not None and bool(_matching(self.exclude, path, leaf, kind))
+        return self.exclude is not None and bool(matching(self.exclude, path, leaf, kind))
 
     def rank_for(self, path: str) -> int:
         """The rank for `path`: the first matching `rank_pattern` entry, else `rank`.
@@ -212,7 +158,7 @@ class LoraConfig:
         Returns:
             The rank.
         """
-        hit = (int(r) for k, r in _pairs(self.rank_pattern) if _pattern_hits(k, path))
+        hit = (int(r) for k, r in pairs(self.rank_pattern) if pattern_hits(k, path))
         return next(hit, self.rank)
 
     def alpha_for(self, path: str) -> float:
@@ -224,7 +170,7 @@ class LoraConfig:
         Returns:
             The alpha.
         """
-        hit = (float(a) for k, a in _pairs(self.alpha_pattern) if _pattern_hits(k, path))
+        hit = (float(a) for k, a in pairs(self.alpha_pattern) if pattern_hits(k, path))
         return next(hit, float(self.alpha))
 
     def scale_for(self, path: str, rank: int | None = None) -> float:
@@ -241,17 +187,30 @@ class LoraConfig:
         denom = math.sqrt(r) if self.use_rslora else r
         return self.alpha_for(path) / denom
 
+    def slice_axis_for(self, path: str, ndim: int) -> int | None:
+        """The kernel axis whose slices get one adapter each: the first matching `slices` key.
 
-def _matching(spec: Any, path: str, leaf: Any, kind: str) -> tuple[str, ...]:
-    if callable(spec):
-        return ("<callable>",) if spec(path, leaf) else ()
-    patterns = (spec,) if isinstance(spec, str) else spec
-    hits = []
-    for pattern in patterns:
-        preset = PRESET_FNS.get(pattern)
-        if preset(path, kind) if preset else re.fullmatch(pattern, path):
-            hits.append(pattern)
-    return tuple(hits)
+        Args:
+            path: the `/`-joined parameter path.
+            ndim: the number of axes of the kernel at `path`.
+
+        Returns:
+            The axis in ``0..ndim-1`` (a negative one counted from the end), or None when no
+            `slices` key matches `path`.
+
+        Raises:
+            ValueError: the axis is out of range for a kernel with `ndim` axes.
+        """
+        hit = ((k, int(a)) for k, a in pairs(self.slices) if pattern_hits(k, path))
+        key, axis = next(hit, (None, None))
+        if key is None or axis is None:
+            return None
+        if not -ndim <= axis < ndim:
+            raise ValueError(
+                f"{path}: `slices[{key!r}]` is axis {axis}, out of range for its kernel "
+                f"with ndim={ndim} (axes 0..{ndim - 1}, or -{ndim}..-1 from the end)."
+            )
+        return axis % ndim
 
 
 def require_config(config: Any, where: str) -> LoraConfig:
@@ -270,12 +229,12 @@ def require_config(config: Any, where: str) -> LoraConfig:
 
 
 def unused_pattern_keys(config: LoraConfig, targets: Sequence[str]) -> list[tuple[str, str]]:
-    """``(field, key)`` for each `rank_pattern` / `alpha_pattern` key that selects none of
+    """``(field, key)`` for each `rank_pattern` / `alpha_pattern` / `slices` key selecting none of
     `targets` (a key that matches nothing would be silently ignored)."""
     unused = []
-    for field in ("rank_pattern", "alpha_pattern"):
-        for key, _ in _pairs(getattr(config, field)):
-            if not any(_pattern_hits(key, path) for path in targets):
+    for field in ("rank_pattern", "alpha_pattern", "slices"):
+        for key, _ in pairs(getattr(config, field)):
+            if not any(pattern_hits(key, path) for path in targets):
                 unused.append((field, key))
     return unused
 
@@ -291,6 +250,6 @@ def unused_excludes(
         p
         for p in patterns
         if not any(
-            _matching((p,), path, leaf, kinds.get(path, "matrix")) for path, leaf in leaves.items()
+            matching((p,), path, leaf, kinds.get(path, "matrix")) for path, leaf in leaves.items()
         )
     ]

@@ -101,6 +101,43 @@ class Layout:
         _, ins, outs = self.sizes(shape)
         return min(math.prod(ins), math.prod(outs))
 
+    def sliced(self, axis: int) -> Layout:
+        """This layout with kernel `axis` moved from the in or out axes to the stack axes:
+        one adapter per index along it (stacked projections: k and v, gate and up).
+
+        Args:
+            axis: a kernel axis in ``0..ndim-1``.
+
+        Returns:
+            The new `Layout`, same kind, stack axes sorted.
+
+        Raises:
+            ValueError: `axis` is out of range, already a stack axis, or the only input or
+                only output axis (nothing would be left to contract or produce).
+
+        Example:
+            >>> import lora_jax as lj
+            >>> kv = lj.Layout("einsum", in_axes=(1,), out_axes=(0, 2, 3))  # (2, d, h, k)
+            >>> kv.sliced(0)
+            Layout(kind='einsum', in_axes=(1,), out_axes=(2, 3), stack_axes=(0,))
+        """
+        if axis in self.stack_axes:
+            raise ValueError(
+                f"axis {axis} is already a stack axis of {self}: the kernel already has one "
+                f"adapter per index along it."
+            )
+        for role, axes in (("input", self.in_axes), ("output", self.out_axes)):
+            if axes == (axis,):
+                raise ValueError(
+                    f"axis {axis} is the only {role} axis of {self}; slicing it would leave "
+                    f"nothing to {'contract' if role == 'input' else 'produce'}."
+                )
+        if axis not in self.perm:
+            raise ValueError(f"axis {axis} is out of range for {self} (ndim={self.ndim}).")
+        drop = lambda axes: tuple(a for a in axes if a != axis)
+        stack = tuple(sorted((*self.stack_axes, axis)))
+        return Layout(self.kind, drop(self.in_axes), drop(self.out_axes), stack)
+
     def restack(self, n_stack: int) -> Layout:
         """This layout with `n_stack` leading stack axes added (for a scanned kernel).
 

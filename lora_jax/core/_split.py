@@ -64,9 +64,10 @@ def select_targets(
         ``{path: Layout}`` in tree order.
 
     Raises:
-        ValueError: a pattern (`targets`, `exclude`, a `rank_pattern`/`alpha_pattern` key)
-            matches nothing (the closest paths are listed), selects a 1-D or integer leaf,
-            or selects a >2-D kernel with no layout.
+        ValueError: a pattern (`targets`, `exclude`, a `rank_pattern`/`alpha_pattern`/
+            `slices` key) matches nothing (the closest paths are listed), selects a 1-D or
+            integer leaf, or selects a >2-D kernel with no layout; a `slices` axis is out of
+            range, already a stack axis, or the kernel's only input or output axis.
         TypeError: `config` is not a `LoraConfig`, or a pattern selects something that is
             not an array.
 
@@ -97,7 +98,7 @@ def select_targets(
             )
         if layout.ndim != len(leaf.shape):
             raise ValueError(f"{path}: layout {layout} does not fit shape {tuple(leaf.shape)}.")
-        found[path] = layout
+        found[path] = _sliced(config, path, layout)
     for pattern in config.patterns():
         if pattern not in used:
             raise _unmatched_error(pattern, list(flat))
@@ -107,10 +108,21 @@ def select_targets(
     return found
 
 
+def _sliced(config: LoraConfig, path: str, layout: Layout) -> Layout:
+    """`layout` with the `slices` axis of `path` (if any) made a stack axis."""
+    axis = config.slice_axis_for(path, layout.ndim)
+    if axis is None:
+        return layout
+    try:
+        return layout.sliced(axis)
+    except ValueError as err:
+        raise ValueError(f"{path}: `slices` gives {err}") from None
+
+
 def _check_unused(
     config: LoraConfig, flat: dict[str, Any], layouts: Mapping[str, Layout] | None, found: list
 ) -> None:
-    """`exclude`, `rank_pattern` and `alpha_pattern` entries that select nothing are errors:
+    """`exclude`, `rank_pattern`, `alpha_pattern` and `slices` entries selecting nothing are errors:
     ignoring them would silently train something other than what was asked."""
     kinds = {p: _kind(layouts, p) for p in flat}
     for pattern in unused_excludes(config, flat, kinds):
@@ -153,9 +165,10 @@ def split(
         own scale, layout and dropout rate: nothing after `split` needs the config again.
 
     Raises:
-        ValueError: a pattern (`targets`, `exclude`, a `rank_pattern`/`alpha_pattern` key)
-            matches nothing, selects a leaf LoRA cannot adapt, or a rank is larger than the
-            smaller side of a kernel.
+        ValueError: a pattern (`targets`, `exclude`, a `rank_pattern`/`alpha_pattern`/
+            `slices` key) matches nothing, selects a leaf LoRA cannot adapt, a `slices` axis
+            cannot be sliced, or a rank is larger than the smaller side of a kernel (of each
+            slice, with `slices`).
         TypeError: `config` is not a `LoraConfig`, or `key` is not a PRNG key.
 
     Example:
@@ -176,10 +189,11 @@ def split(
         rank = config.rank_for(path)
         limit = layout.max_rank(tuple(kernel.shape))
         if rank > limit:
+            per = ", per stack index" if layout.stack_axes else ""
             raise ValueError(
                 f"{path}: rank {rank} is larger than the kernel allows: shape "
                 f"{tuple(kernel.shape)} has at most rank {limit} (the smaller of its "
-                f"flattened input and output sizes)."
+                f"flattened input and output sizes{per})."
             )
         weights, residual = init_factors(
             path_key(key, path),

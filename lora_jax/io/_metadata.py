@@ -61,6 +61,7 @@ def config_to_json(config: LoraConfig, adapters: Mapping[str, LoraWeights]) -> d
         "use_rslora": bool(config.use_rslora),
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
+        "slices": dict(config.slices),
         "init": config.init,
         "dtype": jnp.dtype(config.dtype).name,
     }
