@@ -18,40 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import as_f64
+from helpers import as_f64, assert_tree_close, check_against_merged
 from jax import lax
 
 import lora_jax as lj
 
 FACTORED = "factored (dot_general)"
 D, HEADS, HEAD_DIM, T = 8, 2, 4, 5
-
-
-def _close(got, want, tol=1e-5):
-    """Every leaf of `got` within ``tol * (1 + max|want|)`` of `want`."""
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        w = np.asarray(w, np.float64) if isinstance(w, np.ndarray) else as_f64(w)
-        np.testing.assert_allclose(as_f64(g), w, rtol=tol, atol=tol * (1.0 + np.abs(w).max()))
-
-
-def _check(apply, base, frozen, lora, *args, tol=1e-5):
-    """``apply(frozen, lora, *args)`` equals ``base(lj.merge(frozen, lora), *args)``, and
-    so do their gradients w.r.t. `lora` (under a random cotangent), each path compiled
-    once. Returns the output."""
-
-    def value_and_grad(fn):
-        def run(lo, f, a):
-            y, pull = jax.vjp(lambda lo_: fn(f, lo_, *a), lo)
-            return y, pull(jax.random.normal(jax.random.key(99), y.shape, y.dtype))[0]
-
-        return jax.jit(run)(lora, frozen, args)
-
-    y, g = value_and_grad(apply)
-    y_merged, g_merged = value_and_grad(lambda f, lo, *a: base(lj.merge(f, lo), *a))
-    _close(y, y_merged, tol)
-    _close(g, g_merged, tol)
-    assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g))
-    return y
 
 
 def _normal(shape, seed, scale=1.0, dtype=np.float32):
@@ -153,8 +126,8 @@ def test_custom_attention_with_raw_head_kernels(stacked_kv):
     assert len(routes) == (3 if stacked_kv else 4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing merged, so no warning
-        y = _check(lj.lora_apply(model.apply), model.apply, frozen, lora, x)
-    _close(y, _attention_f64(_merged_f64(frozen, lora), as_f64(x), stacked_kv))
+        y = check_against_merged(lj.lora_apply(model.apply), model.apply, frozen, lora, x)
+    assert_tree_close(y, _attention_f64(_merged_f64(frozen, lora), as_f64(x), stacked_kv))
     assert np.abs(np.asarray(y - jax.jit(model.apply)(frozen, x))).max() > 1e-2
 
 
@@ -176,8 +149,8 @@ def test_nnx_raw_param():
     assert lj.routes(graphdef, frozen, lora, x) == {"w": FACTORED}
     assert "give example inputs" in lj.routes(graphdef, frozen, lora)["w"]
     base = lambda params, x: nnx.merge(graphdef, params)(x)
-    y = _check(lj.lora_apply(graphdef), base, frozen, lora, x)
-    _close(y, np.tanh(as_f64(x) @ _merged_f64(frozen, lora)["w"]))
+    y = check_against_merged(lj.lora_apply(graphdef), base, frozen, lora, x)
+    assert_tree_close(y, np.tanh(as_f64(x) @ _merged_f64(frozen, lora)["w"]))
 
 
 # -- 3. plain functions of a params dict, no Flax --------------------------------------------
@@ -190,11 +163,11 @@ def test_plain_function_mlp():
     x = _normal((4, 6), 0)
     frozen, lora = _split(params, "w.*")
     assert lj.routes(_mlp, frozen, lora, x) == {"w1": FACTORED, "w2": FACTORED}
-    y = _check(lj.lora_apply(_mlp), _mlp, frozen, lora, x)
+    y = check_against_merged(lj.lora_apply(_mlp), _mlp, frozen, lora, x)
     w = _merged_f64(frozen, lora)
     h = as_f64(x) @ w["w1"]
     gelu = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
-    _close(y, gelu @ w["w2"])
+    assert_tree_close(y, gelu @ w["w2"])
 
 
 USES = {
@@ -212,9 +185,9 @@ def test_plain_function_contraction_forms(use):
     frozen, lora = _split({"w": _normal((6, 5), 1, 0.4)}, "w")
     x = _normal((4, 6), 0)
     assert lj.routes(fn, frozen, lora, x) == {"w": FACTORED}
-    y = _check(lj.lora_apply(fn), fn, frozen, lora, x)
-    _close(y, as_f64(x) @ _merged_f64(frozen, lora)["w"])
-    _close(lj.lora_apply(fn)(frozen, lora, x), y)  # eager: concrete values, not tracers
+    y = check_against_merged(lj.lora_apply(fn), fn, frozen, lora, x)
+    assert_tree_close(y, as_f64(x) @ _merged_f64(frozen, lora)["w"])
+    assert_tree_close(lj.lora_apply(fn)(frozen, lora, x), y)  # eager: concrete values, not tracers
 
 
 def _loop_over_layers(p, x):
@@ -231,7 +204,7 @@ def test_plain_function_over_a_params_collection(container):
     frozen, lora = _split({"params": layers}, "params/.*")
     x = _normal((4, 6), 0)
     assert set(lj.routes(_loop_over_layers, frozen, lora, x).values()) == {FACTORED}
-    _check(lj.lora_apply(_loop_over_layers), _loop_over_layers, frozen, lora, x)
+    check_against_merged(lj.lora_apply(_loop_over_layers), _loop_over_layers, frozen, lora, x)
 
 
 # -- 4. scanned stacks: nn.scan(nn.remat(...)) and lax.scan -----------------------------------
@@ -268,8 +241,8 @@ def test_nn_scan_of_remat_block_with_raw_kernel():
     layout = lj.Layout("dense", in_axes=(1,), out_axes=(2,), stack_axes=(0,))
     frozen, lora = _split(_init(model, x), ".*/w", {"params/stack/w": layout})
     assert lj.routes(model.apply, frozen, lora, x) == {"params/stack/w": FACTORED}
-    y = _check(lj.lora_apply(model.apply), model.apply, frozen, lora, x)
-    _close(y, _scan_f64(_merged_f64(frozen, lora)["params/stack/w"], as_f64(x)))
+    y = check_against_merged(lj.lora_apply(model.apply), model.apply, frozen, lora, x)
+    assert_tree_close(y, _scan_f64(_merged_f64(frozen, lora)["params/stack/w"], as_f64(x)))
 
 
 def _lax_scan_stack(p, x):
@@ -284,8 +257,8 @@ def test_lax_scan_over_stacked_params():
     )
     x = _normal((4, 6), 0)
     assert lj.routes(_lax_scan_stack, frozen, lora, x) == {"w": FACTORED}
-    y = _check(lj.lora_apply(_lax_scan_stack), _lax_scan_stack, frozen, lora, x)
-    _close(y, _scan_f64(_merged_f64(frozen, lora)["w"], as_f64(x)))
+    y = check_against_merged(lj.lora_apply(_lax_scan_stack), _lax_scan_stack, frozen, lora, x)
+    assert_tree_close(y, _scan_f64(_merged_f64(frozen, lora)["w"], as_f64(x)))
 
 
 def test_batched_einsum_over_an_expert_axis():
@@ -298,8 +271,8 @@ def test_batched_einsum_over_an_expert_axis():
     )
     x = _normal((3, 4, 6), 0)
     assert lj.routes(fn, frozen, lora, x) == {"w": FACTORED}
-    y = _check(lj.lora_apply(fn), fn, frozen, lora, x)
-    _close(y, np.einsum("ebd,edf->ebf", as_f64(x), _merged_f64(frozen, lora)["w"]))
+    y = check_against_merged(lj.lora_apply(fn), fn, frozen, lora, x)
+    assert_tree_close(y, np.einsum("ebd,edf->ebf", as_f64(x), _merged_f64(frozen, lora)["w"]))
 
 
 # -- 5. tied embeddings: one table, lookup and output head ------------------------------------
@@ -319,9 +292,9 @@ def test_tied_raw_embedding_factored_in_both_uses():
     frozen, lora = _split(_init(model, IDS), "params/table")
     route = lj.routes(model.apply, frozen, lora, IDS)["params/table"]
     assert route == "factored (dot_general); factored (gather)"
-    y = _check(lj.lora_apply(model.apply), model.apply, frozen, lora, IDS)
+    y = check_against_merged(lj.lora_apply(model.apply), model.apply, frozen, lora, IDS)
     table = _merged_f64(frozen, lora)["params/table"]
-    _close(y, np.tanh(table[np.asarray(IDS)]) @ table.T)
+    assert_tree_close(y, np.tanh(table[np.asarray(IDS)]) @ table.T)
 
 
 class _TiedStockEmbed(nn.Module):
@@ -344,7 +317,7 @@ def test_tied_stock_embed_also_used_by_hand():
     variables = _init(model, IDS)
     layouts = lj.infer_layouts(model.apply, variables, IDS)
     frozen, lora = _split(variables, ".*/embedding", layouts)
-    _check(lj.lora_apply(model.apply), model.apply, frozen, lora, IDS)
+    check_against_merged(lj.lora_apply(model.apply), model.apply, frozen, lora, IDS)
 
 
 def test_tied_stock_embed_also_used_by_hand_nnx():
@@ -352,7 +325,7 @@ def test_tied_stock_embed_also_used_by_hand_nnx():
     graphdef, state = nnx.split(model)
     frozen, lora = _split(_fill(state), ".*/embedding", lj.infer_layouts(model))
     base = lambda params, ids: nnx.merge(graphdef, params)(ids)
-    _check(lj.lora_apply(graphdef), base, frozen, lora, IDS)
+    check_against_merged(lj.lora_apply(graphdef), base, frozen, lora, IDS)
 
 
 # -- 6. control flow and a custom_vjp use ------------------------------------------------------
@@ -389,7 +362,7 @@ def test_cond_jit_and_custom_vjp(flag):
     assert (
         routes["w3"] == FACTORED + "; inside custom_vjp_call (differentiated by JAX, not its rule)"
     )
-    _check(lj.lora_apply(_control_flow), _control_flow, frozen, lora, x, flag)
+    check_against_merged(lj.lora_apply(_control_flow), _control_flow, frozen, lora, x, flag)
 
 
 # -- 7. an elementwise use: merged for that use, one warning ----------------------------------
@@ -404,7 +377,7 @@ def test_elementwise_use_is_merged_and_warned_once():
     assert FACTORED in route and "merged (used by reduce_sum)" in route, route
     apply = lj.lora_apply(_with_elementwise)
     with pytest.warns(UserWarning, match=r"1 adapter\(s\) run merged.*w \(.*reduce_sum") as rec:
-        _check(apply, _with_elementwise, frozen, lora, x)
+        check_against_merged(apply, _with_elementwise, frozen, lora, x)
     assert len([r for r in rec if "run merged" in str(r.message)]) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -458,5 +431,5 @@ def test_jit_with_bf16_base_keeps_dtype():
     assert y.dtype == jax.eval_shape(model.apply, frozen, x).dtype == jnp.bfloat16
     assert bool(jnp.isfinite(y).all())
     merged = jax.jit(lambda f, lo, x: model.apply(lj.merge(f, lo), x))(frozen, lora, x)
-    _close(y, merged, tol=5e-2)
-    _close(y, _attention_f64(_merged_f64(frozen, lora), as_f64(x), True), tol=5e-2)
+    assert_tree_close(y, merged, tol=5e-2)
+    assert_tree_close(y, _attention_f64(_merged_f64(frozen, lora), as_f64(x), True), tol=5e-2)

@@ -12,7 +12,7 @@ import numpy as np
 
 from lora_jax.core._weights import LoraWeights
 
-__all__ = ["mixing", "scales_of"]
+__all__ = ["check_read", "mixing", "scales_of"]
 
 
 def _check_ids(adapter_ids: Any, k: int) -> jax.Array:
@@ -48,3 +48,13 @@ def mixing(adapter_ids: Any, k: int, scales: Mapping[str, Any]) -> tuple[Any, An
     rows = jnp.clip(ids, 0, k - 1)
     gate = jnp.where(ids == -1, 0.0, jnp.where(ids == rows, 1.0, jnp.nan))
     return rows, gate, {p: gate * jnp.take(s, rows) for p, s in scales.items()}
+
+
+def check_read(found: Mapping[str, Any], paths: Any) -> None:
+    """A mixed batch's adapters that no operation read (the rewrite's routes lack them)."""
+    unused = sorted(set(paths) - set(found))
+    if unused:
+        raise ValueError(
+            f"no operation of the program reads the kernels of {unused}: exclude these "
+            f"targets from the config."
+        )

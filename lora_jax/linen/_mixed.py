@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax.core._mixing import mixing, scales_of
+from lora_jax.core._mixing import check_read, mixing, scales_of
 from lora_jax.core._paths import flatten
 from lora_jax.core._use import call as rewrite_call
 from lora_jax.core._weights import flatten_lora, unstacked_shapes
@@ -158,12 +158,7 @@ def lora_apply_mixed(
         out = rewrite_call(
             call_model, variables, rest, args, kwargs, found, dropout=dropout, mix=mix
         )
-        unused = sorted(set(rest) - set(found))
-        if unused:
-            raise ValueError(
-                f"no operation of the program reads the kernels of {unused}: exclude these "
-                f"targets from the config."
-            )
+        check_read(found, rest)
         return out
 
     return apply

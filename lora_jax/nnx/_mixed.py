@@ -17,7 +17,7 @@ import jax
 from flax import nnx
 
 from lora_jax.core._config import DROPOUT_RNG
-from lora_jax.core._mixing import mixing, scales_of
+from lora_jax.core._mixing import check_read, mixing, scales_of
 from lora_jax.core._paths import flatten, replace
 from lora_jax.core._use import REWRITE_STREAM
 from lora_jax.core._use import call as rewrite_call
@@ -88,12 +88,7 @@ def lora_apply_mixed(graphdef: nnx.GraphDef, *, deterministic: bool = False) -> 
             dropout=dropout,
             mix=(rows, gains),
         )
-        unused = sorted(set(adapters) - set(found))
-        if unused:
-            raise ValueError(
-                f"no operation of the model reads the kernels of {unused}: exclude these "
-                f"targets from the config."
-            )
+        check_read(found, adapters)
         return out
 
     return apply
