@@ -880,3 +880,20 @@ def test_compiled_gradient_has_no_kernel_sized_contraction(name, factored):
         assert not sizes & {n for pair in kernels.values() for n in pair}, (kernels, sizes)
     else:
         assert all(whole in sizes for whole, _ in kernels.values()), (kernels, sizes)
+
+
+def test_ragged_dot_rows_past_the_groups_get_no_update():
+    """``ragged_dot`` leaves rows past ``sum(group_sizes)`` at zero; the factored term
+    (on CPU one product against every expert's ``a``, then a per-row pick) must too."""
+    params = {"w": _normal((3, 5, 4), 1, 0.4)}
+    fn = lambda p, x, g: lax.ragged_dot(x, p["w"], g)
+    x, groups = _normal((9, 5), 0), jnp.array([2, 0, 4], jnp.int32)  # rows 6..8: no group
+    layouts = lj.infer_layouts(fn, params, x, groups)
+    frozen, lora = _adapters(params, "w", layouts)
+    y = check_against_merged(lj.lora_apply(fn), fn, frozen, lora, x, groups)
+    assert lj.routes(fn, frozen, lora, x, groups) == {"w": "factored (ragged_dot)"}
+    np.testing.assert_array_equal(np.asarray(y[6:]), 0.0)
+    w, a, b = as_f64(frozen["w"]), as_f64(lora["w"].a), as_f64(lora["w"].b)
+    owner = np.repeat(np.arange(3), [2, 0, 4])
+    want = [as_f64(x)[t] @ (w[e] + lora["w"].scale * a[e] @ b[e]) for t, e in enumerate(owner)]
+    assert_tree_close(y[:6], np.stack(want))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -120,7 +121,11 @@ def low_rank_ragged(x: Any, cur: Any, view: Any, group_sizes: Any, params: dict)
     # a in the kernel value's axis order, with the rank where the output axis is.
     order = list(lay.stack_axes) + list(lay.in_axes) + list(lay.out_axes)
     a_val = jnp.transpose(cur.a, [order.index(k) for k in axes]).astype(x.dtype)
-    h = _ragged(x, a_val, group_sizes, params, dn)
+    plain = x.ndim == 2 and tuple(lc) == (1,) and dn.lhs_ragged_dimensions == (0,)
+    if plain and axes == (0, 1, 2) and params.get("group_offset") is None and _dense_groups():
+        h = _rows_first(x, a_val, group_sizes)
+    else:
+        h = _ragged(x, a_val, group_sizes, params, dn)
     h = h * jnp.asarray(cur.scale, h.dtype)
     free = [i for i in range(x.ndim) if i not in lc]
     pos = len(free)  # the rank axis of h: after x's free axes
@@ -131,6 +136,25 @@ def low_rank_ragged(x: Any, cur: Any, view: Any, group_sizes: Any, params: dict)
         rhs_group_dimensions=(0,),
     )
     return _ragged(h, cur.b.astype(x.dtype), group_sizes, params, second)
+
+
+def _dense_groups() -> bool:
+    """Whether ``ragged_dot`` runs as masked dense products here (JAX's CPU lowering: every
+    expert over every row, the rows copied per expert), where the thin first factor is
+    cheaper as one matmul against all experts' ``a`` followed by a per-row pick."""
+    return jax.default_backend() == "cpu"
+
+
+def _rows_first(x: Any, a: Any, group_sizes: Any) -> Any:
+    """``ragged_dot(x, a, group_sizes)`` for x (rows, in), a (E, in, r): ``x @ [a_0 .. a_E]``
+    (rows, E·r), then each row keeps its own group's r columns (rows past the groups get
+    zeros, as in ``ragged_dot``). Exact; E·r columns instead of E copies of x."""
+    n_groups, _, r = a.shape
+    h = (x @ jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1)).reshape(x.shape[0], n_groups, r)
+    rows = jnp.arange(x.shape[0])
+    group = jnp.searchsorted(jnp.cumsum(group_sizes), rows, side="right")
+    h = jnp.take_along_axis(h, jnp.minimum(group, n_groups - 1)[:, None, None], axis=1)[:, 0]
+    return jnp.where((group < n_groups)[:, None], h, jnp.zeros_like(h))
 
 
 def _ragged(x: Any, w: Any, group_sizes: Any, params: dict, dn: Any) -> Any:
