@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -396,3 +397,93 @@ def test_restore_refuses_other_layouts(tmp_path):
         target = lj.TrainState.create(other, optimizer(), key=jax.random.key(3))
         with pytest.raises(ValueError, match=r"fc1/kernel: the checkpoint has layout Layout\("):
             mgr.restore(target)
+
+
+def _flip_bytes(folder, offset_fraction):
+    """XORs 64 bytes in the middle of every array data file under `folder` (as a disk
+    error would): the files stay readable, the numbers change."""
+    hit = []
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.stat().st_size > 1000 and f.parent.name == "d":  # array data
+            data = bytearray(f.read_bytes())
+            start = int(len(data) * offset_fraction)
+            data[start : start + 64] = bytes(b ^ 0x5A for b in data[start : start + 64])
+            f.write_bytes(bytes(data))
+            hit.append(f)
+    return hit
+
+
+@pytest.mark.parametrize("offset", [0.3, 0.6, 0.9])
+def test_flipped_bytes_in_an_adapter_are_refused(tmp_path, offset):
+    """Issue 16's case: flipped bytes inside an array file used to load silently; the
+    digests recorded at save name the damaged array (or the reader fails on it)."""
+    config = lj.LoraConfig(rank=8, targets=".*")
+    params = {"w": jnp.ones((256, 128)), "v": jnp.ones((128, 256))}
+    lora = jax.tree.map(lambda x: x + 0.25, lj.split(params, config, key=jax.random.key(0))[1])
+    lj.save_adapter(tmp_path / "a", lora)
+    record = lj.io.read_metadata(tmp_path / "a")
+    assert all(e["digests"]["a"].startswith("sha256:") for e in record["adapters"].values())
+    assert _flip_bytes(tmp_path / "a" / "arrays", offset)
+    with pytest.raises(ValueError, match=r"^(v|w): the restored `(a|b)` does not match what"):
+        lj.load_adapter(tmp_path / "a")
+    # The opt-out skips the check: the damaged file's wrong numbers come back silently.
+    loaded = lj.load_adapter(tmp_path / "a", verify=False)
+    same = jax.tree.map(np.array_equal, loaded, lora)
+    assert not all(jax.tree.leaves(same))
+
+
+def test_digests_verify_an_intact_adapter_and_name_the_array(tmp_path):
+    config = lj.LoraConfig(rank=2, targets=".*")
+    lora = lj.split({"w": jnp.ones((8, 4))}, config, key=jax.random.key(0))[1]
+    lj.save_adapter(tmp_path / "a", lora)
+    assert jax.tree.all(jax.tree.map(np.array_equal, lj.load_adapter(tmp_path / "a"), lora))
+    meta = tmp_path / "a" / lj.io.METADATA_FILE
+    record = json.loads(meta.read_text())
+    saved = record["adapters"]["w"]["digests"]["b"]
+    record["adapters"]["w"]["digests"]["b"] = "sha256:" + "0" * 64
+    meta.write_text(json.dumps(record))
+    with pytest.raises(
+        ValueError, match=rf"w: the restored `b` does not match .*{saved}, recorded sha256:0+"
+    ):
+        lj.load_adapter(tmp_path / "a")
+    del record["adapters"]["w"]["digests"]
+    meta.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match=r"no digests recorded for \['w'\]"):
+        lj.load_adapter(tmp_path / "a")
+
+
+def test_flipped_bytes_in_a_checkpoint_step_are_refused(tmp_path):
+    """The same for a `CheckpointManager` step: its metadata records a digest of every state
+    array (adapters, optimizer state, step, rng), checked on restore. Each array data file
+    is damaged in turn: every one is refused, and at least one would load silently without
+    the digests (OCDBT checksums its b-tree nodes, not the compressed chunks)."""
+    _, state = _trained(2)
+    with lj.CheckpointManager(tmp_path / "good", async_save=False) as mgr:
+        mgr.save(1, state)
+        restored, _ = mgr.restore(state)  # intact: verified and equal
+        _leaves_equal(restored.lora, state.lora)
+        assert "['lora']['params']['fc1']['kernel'].a" in mgr._metadata(1)["state_digests"]
+    files = [f for f in (tmp_path / "good" / "1" / "state").rglob("*") if f.parent.name == "d"]
+    silent = 0
+    for i, f in enumerate(sorted(files)):
+        copy = tmp_path / f"bad{i}"
+        shutil.copytree(tmp_path / "good", copy)
+        target = copy / f.relative_to(tmp_path / "good")
+        data = bytearray(target.read_bytes())
+        mid = len(data) // 2
+        data[mid : mid + 64] = bytes(b ^ 0x5A for b in data[mid : mid + 64])
+        target.write_bytes(bytes(data))
+        with lj.CheckpointManager(copy) as mgr:
+            try:
+                unverified, _ = mgr.restore(state, verify=False)
+            except ValueError as err:  # the reader itself failed (a checksummed b-tree node)
+                assert "cannot restore" in str(err)
+                continue
+            leaves = lambda t: jax.tree.leaves((t.lora, t.opt_state, jax.random.key_data(t.rng)))
+            if all(map(np.array_equal, leaves(unverified), leaves(state))):
+                mgr.restore(state)  # bytes nothing reads: the numbers are intact
+                continue
+            silent += 1  # wrong numbers without the digests: refused with them
+            with pytest.raises(ValueError, match=r"^state\[.*: the restored array does not match"):
+                mgr.restore(state)
+    assert silent >= 1

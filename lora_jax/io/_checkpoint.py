@@ -4,7 +4,8 @@ A thin layer over `orbax.checkpoint.CheckpointManager` (use ``.orbax`` for anyth
 does not expose). Each step folder holds three items: ``state`` (adapters, optimizer state,
 step, rng, skip count), ``data`` (the data-position record the caller hands in, JSON) and
 ``meta`` (the adapter metadata of `lora_jax.save_adapter`: each adapter's layout, rank,
-scale and dropout rate, and the base fingerprint). Orbax finalizes a step only when every
+scale and dropout rate, the base fingerprint, and the SHA-256 digest of every state array,
+verified on restore). Orbax finalizes a step only when every
 item is written, so a crash mid-save leaves the previous steps usable and the partial one
 invisible. The frozen base is never written. No config is needed: a restore checks the
 target's adapters against the stored metadata and refuses one whose scales differ.
@@ -28,6 +29,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from lora_jax.core._paths import flatten
 from lora_jax.core._weights import flatten_lora
+from lora_jax.io._digest import tree_digests, verify_tree_digests
 from lora_jax.io._metadata import check_base, check_record, check_target, describe
 from lora_jax.training._state import TrainState
 
@@ -159,16 +161,23 @@ class CheckpointManager:
         if jnp.ndim(state.step) == 1:  # replicated for pmap: every copy is the same
             state = jax.tree.map(lambda x: x[0], state)
         record = describe(state.lora)
+        storable = _storable(state)
+        record["state_digests"] = tree_digests(storable)
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(_storable(state)),
+            state=ocp.args.StandardSave(storable),
             data=ocp.args.JsonSave(data_position or {}),
             meta=ocp.args.JsonSave(record),
         )
         return self.orbax.save(step, args=args, metrics=metrics or None, force=force)
 
     def restore(
-        self, target: TrainState, step: int | None = None, *, frozen: Any = None
+        self,
+        target: TrainState,
+        step: int | None = None,
+        *,
+        frozen: Any = None,
+        verify: bool = True,
     ) -> tuple[TrainState, dict[str, Any]]:
         """Restores a step (the latest by default) into the structure of `target`.
 
@@ -184,6 +193,8 @@ class CheckpointManager:
                 those shardings.
             step: which step; None for the latest.
             frozen: optional base to check the stored fingerprint against.
+            verify: check every restored array against the SHA-256 digest recorded at
+                save (on by default); ``verify=False`` skips it.
 
         Returns:
             ``(state, data_position)``.
@@ -191,7 +202,8 @@ class CheckpointManager:
         Raises:
             ValueError: no checkpoint in the folder or no such step, a target whose adapters
                 differ from the stored ones (the path and both values named), a base that
-                does not fit the stored metadata, or damaged files.
+                does not fit the stored metadata, or damaged files (unreadable, or an
+                array whose digest differs from the one recorded at save: named).
         """
         self.orbax.wait_until_finished()  # a save still in flight is part of what exists
         step = self.latest_step() if step is None else step
@@ -215,6 +227,9 @@ class CheckpointManager:
         except Exception as err:  # orbax/tensorstore raise many types for damaged files
             raise ValueError(f"cannot restore step {step} from {self.directory}: {err}") from err
         s = got["state"]
+        if verify:
+            where = str(self.directory / str(step))
+            verify_tree_digests(record.get("state_digests", {}), s, where)
         impl = jax.random.key_impl(target.rng)
         state = TrainState(
             step=s["step"],

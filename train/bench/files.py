@@ -1,5 +1,5 @@
-"""Adapter files: how long `save_adapter` and `load_adapter` take, and the size on disk
-against the raw bytes of the A/B arrays."""
+"""Adapter files: how long `save_adapter` and `load_adapter` take (with and without the
+digest check), and the size on disk against the raw bytes of the A/B arrays."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def adapter_files(variables: Any, rounds: int) -> dict[str, float]:
         is_leaf=lambda x: isinstance(x, lj.LoraWeights),
     )
     raw = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lora))
-    saves, loads, size = [], [], 0
+    saves, loads, unverified, size = [], [], [], 0
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(max(rounds, 1)):
             folder = pathlib.Path(tmp) / f"adapter_{i}"
@@ -43,10 +43,14 @@ def adapter_files(variables: Any, rounds: int) -> dict[str, float]:
             back = lj.load_adapter(folder, frozen=frozen)
             jax.block_until_ready(back)
             loads.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            jax.block_until_ready(lj.load_adapter(folder, frozen=frozen, verify=False))
+            unverified.append(time.perf_counter() - start)
             size = _folder_bytes(folder)
     return {
         "save_s": statistics.median(saves),
         "restore_s": statistics.median(loads),
+        "restore_unverified_s": statistics.median(unverified),
         "disk_bytes": float(size),
         "raw_bytes": float(raw),
     }

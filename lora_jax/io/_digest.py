@@ -1,0 +1,120 @@
+"""Digests of array contents: what a saved adapter records so that a damaged array file is
+refused on load instead of restoring wrong numbers (orbax's compressed chunks keep no
+checksum). SHA-256 of the dtype, shape and bytes: about 1 GB/s here (the medium
+benchmark adapter, 3.4 MB, in ~3 ms), so verification is on by default."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["digest", "tree_digests", "verify_digests", "verify_tree_digests"]
+
+
+def digest(x: Any) -> str:
+    """``"sha256:<hex>"`` of an array's dtype, shape and C-order bytes.
+
+    Args:
+        x: an array (JAX arrays are copied to the host).
+
+    Returns:
+        The digest string.
+
+    Example:
+        >>> import numpy as np
+        >>> from lora_jax.io._digest import digest
+        >>> digest(np.zeros(3, np.float32)) == digest(np.zeros(3, np.float32))
+        True
+    """
+    a = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return f"sha256:{h.hexdigest()}"
+
+
+def verify_digests(
+    entries: Mapping[str, Mapping[str, Any]], arrays: Mapping[str, Any], where: str
+) -> None:
+    """Raises a ValueError naming the first array whose digest differs from the record.
+
+    Args:
+        entries: ``{adapter path: metadata entry}``; an entry's ``digests`` maps ``"a"`` /
+            ``"b"`` to the digest recorded at save.
+        arrays: ``{"<adapter path>/a": array, ...}`` as restored.
+        where: the folder the arrays were read from (for the message).
+    """
+    missing = [p for p, e in entries.items() if "digests" not in e]
+    if missing:
+        warnings.warn(
+            f"{where}: no digests recorded for {missing[:3]} (saved by an older lora_jax); "
+            f"their values are not verified. Re-save the adapter to record them.",
+            stacklevel=3,
+        )
+    for path, entry in entries.items():
+        for name, want in entry.get("digests", {}).items():
+            got = digest(arrays[f"{path}/{name}"])
+            if got != want:
+                raise ValueError(
+                    f"{path}: the restored `{name}` does not match what was saved (its array "
+                    f"file under {where} is damaged): digest {got}, recorded {want}. Restore "
+                    f"another copy of the adapter."
+                )
+
+
+def _host_copy(x: Any) -> Any:
+    """A host copy of an array this process can see whole, else None (a global array
+    sharded over other processes' devices is not digested here)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.sharding.is_fully_replicated:
+            return None
+        x = x.addressable_data(0)
+    return np.asarray(jax.device_get(x))
+
+
+def tree_digests(tree: Any) -> dict[str, dict[str, str]]:
+    """``{key path: {"digest", "dtype"}}`` of every array leaf of `tree` this process can
+    read whole (for a checkpoint step's metadata).
+
+    Args:
+        tree: a pytree of arrays.
+
+    Returns:
+        The record, keyed by `jax.tree_util.keystr`.
+    """
+    out = {}
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        host = _host_copy(leaf)
+        if host is not None:
+            out[jax.tree_util.keystr(kp)] = {"digest": digest(host), "dtype": host.dtype.str}
+    return out
+
+
+def verify_tree_digests(recorded: Mapping[str, Mapping[str, str]], tree: Any, where: str) -> None:
+    """Raises a ValueError naming the first leaf of `tree` whose digest differs from
+    `recorded` (leaves restored to another dtype, or not readable whole here, are skipped).
+
+    Args:
+        recorded: from `tree_digests` at save.
+        tree: the restored pytree.
+        where: the step folder (for the message).
+    """
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = jax.tree_util.keystr(kp)
+        want = recorded.get(key)
+        if want is None:
+            continue
+        host = _host_copy(leaf)
+        if host is None or host.dtype.str != want["dtype"]:
+            continue
+        got = digest(host)
+        if got != want["digest"]:
+            raise ValueError(
+                f"state{key}: the restored array does not match what was saved (its file "
+                f"under {where} is damaged): digest {got}, recorded {want['digest']}. "
+                f"Restore an earlier step."
+            )
