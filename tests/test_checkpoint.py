@@ -487,3 +487,22 @@ def test_flipped_bytes_in_a_checkpoint_step_are_refused(tmp_path):
             with pytest.raises(ValueError, match=r"^state\[.*: the restored array does not match"):
                 mgr.restore(state)
     assert silent >= 1
+
+
+def test_a_base_with_other_weights_warns_and_strict_refuses(tmp_path):
+    """Issue 16: the shape fingerprint let an adapter load onto another fine-tune of the
+    same architecture silently; the sampled content fingerprint names the first kernel."""
+    frozen, state = _trained(1)
+    lj.save_adapter(tmp_path / "a", state.lora, frozen=frozen)
+    lj.load_adapter(tmp_path / "a", frozen=frozen, strict=True)  # the same base: silent
+    as_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
+    lj.load_adapter(tmp_path / "a", frozen=as_bf16, strict=True)  # same weights, other dtype
+    other = jax.tree.map(lambda x: x, frozen)
+    kernel = other["params"]["fc2"]["kernel"]
+    other["params"]["fc2"]["kernel"] = kernel * (1.0 + 1e-2)  # a small fine-tune's change
+    with pytest.warns(UserWarning, match=r"params/fc2/kernel: the base's values differ"):
+        lj.load_adapter(tmp_path / "a", frozen=other)
+    with pytest.raises(ValueError, match=r"params/fc2/kernel: the base's values differ.*strict"):
+        lj.load_adapter(tmp_path / "a", frozen=other, strict=True)
+    lj.save_adapter(tmp_path / "b", state.lora)  # saved without its base: shapes only
+    lj.load_adapter(tmp_path / "b", frozen=other, strict=True)

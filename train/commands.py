@@ -197,7 +197,7 @@ def _load_adapter(s: Settings, base: Base) -> tuple[Any, Any]:
     checkpoints = pathlib.Path(s.run_dir) / CHECKPOINTS
     try:
         if (folder / lj.io.METADATA_FILE).exists():
-            lora = lj.load_adapter(folder, frozen=base.variables)
+            lora = lj.load_adapter(folder, frozen=base.variables, strict=True)
         elif not s.adapter and checkpoints.is_dir() and any(checkpoints.iterdir()):
             with lj.CheckpointManager(checkpoints) as mgr:
                 state, _ = mgr.restore(new_state(s, base)[1], frozen=base.variables)
@@ -239,7 +239,7 @@ def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
     report: dict[str, Any] = {"base_eval_loss": base_loss, **_lora_report(result)}
     run_dir = pathlib.Path(s.run_dir).absolute()
     if jax.process_count() == 1:
-        lj.save_adapter(run_dir / ADAPTER, result.lora, overwrite=True)
+        lj.save_adapter(run_dir / ADAPTER, result.lora, overwrite=True, frozen=base.variables)
         report["adapter_bytes_on_disk"] = _folder_bytes(run_dir / ADAPTER)
     elif main:  # save_adapter is single-process; the last checkpoint holds the adapter
         print(
@@ -377,7 +377,7 @@ def export(s: Settings, out: TextIO) -> dict[str, Any]:
     frozen, lora = _load_adapter(s, base)
     written = {}
     if s.out_adapter:
-        lj.save_adapter(s.out_adapter, lora, overwrite=True)
+        lj.save_adapter(s.out_adapter, lora, overwrite=True, frozen=frozen)
         written["adapter"] = s.out_adapter
     if s.out_peft:
         pathlib.Path(s.out_peft).mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from lora_jax.core._config import LoraConfig
 from lora_jax.core._paths import flatten, nest
 from lora_jax.core._weights import flatten_lora
-from lora_jax.io._digest import digest, verify_digests
+from lora_jax.io._digest import base_sample, check_base_values, digest, verify_digests
 from lora_jax.io._metadata import check_base, check_record, describe, weights_from_record
 
 __all__ = ["save_adapter", "load_adapter", "read_metadata", "METADATA_FILE"]
@@ -54,6 +54,7 @@ def save_adapter(
     *,
     overwrite: bool = False,
     config: LoraConfig | None = None,
+    frozen: Any = None,
 ) -> None:
     """Writes the adapters (never the base) and their metadata to the folder `path`.
 
@@ -68,6 +69,9 @@ def save_adapter(
         config: optional config the adapters were made with, recorded in the metadata for
             information only (a callable `targets` is stored as the exact paths it
             selected); nothing reads it back.
+        frozen: optional base the adapters were trained on: a content fingerprint of each
+            targeted kernel (a digest of 4096 sampled values) is recorded, so that
+            `load_adapter` onto a base of the same shapes but other weights warns.
 
     Raises:
         ValueError: `path` exists and `overwrite` is False, or this is a multi-process run.
@@ -88,8 +92,11 @@ def save_adapter(
     if dest.exists() and not overwrite:
         raise ValueError(f"{dest} exists; pass overwrite=True to replace it.")
     record = describe(lora, config)
+    base = {} if frozen is None else flatten(frozen)
     for p, w in flatten_lora(lora).items():
         record["adapters"][p]["digests"] = {"a": digest(w.a), "b": digest(w.b)}
+        if p in base:
+            record["adapters"][p]["base_sample"] = base_sample(base[p])
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash
     tmp.mkdir()
@@ -150,18 +157,23 @@ def load_adapter(
     frozen: Any = None,
     sharding: jax.sharding.Sharding | None = None,
     verify: bool = True,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Reads an adapter written by `save_adapter`; needs no config.
 
     Args:
         path: the adapter folder.
         frozen: optional base to check against: every targeted path must exist there with
-            the kernel shape the adapter was trained on.
+            the kernel shape the adapter was trained on, and, when the adapter was saved
+            with its base (`save_adapter(..., frozen=)`), the same values (a sample of
+            each kernel): a base with other weights warns, naming the first kernel.
         sharding: where to put every array (default: the first device); for per-array
             placement use `lora_jax.parallel.place` afterwards.
         verify: check every restored array against the SHA-256 digest recorded at save
             (on by default; about 1 GB/s on a CPU core). ``verify=False`` skips it for
             those who need the speed and trust the storage.
+        strict: a base with the right shapes but other values is a ValueError, not a
+            warning.
 
     Returns:
         The adapters: each `LoraWeights` with its stored scale, dropout rate, layout and
@@ -186,6 +198,7 @@ def load_adapter(
     record = read_metadata(path)
     if frozen is not None:
         check_base(record, flatten(frozen))
+        check_base_values(record["adapters"], flatten(frozen), strict)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = {}
     for p, entry in record["adapters"].items():

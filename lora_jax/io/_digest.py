@@ -13,7 +13,18 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["digest", "tree_digests", "verify_digests", "verify_tree_digests"]
+__all__ = [
+    "SAMPLE",
+    "base_sample",
+    "check_base_values",
+    "digest",
+    "tree_digests",
+    "verify_digests",
+    "verify_tree_digests",
+]
+
+# Values of each base kernel sampled for its content fingerprint (evenly spaced).
+SAMPLE = 4096
 
 
 def digest(x: Any) -> str:
@@ -118,3 +129,47 @@ def verify_tree_digests(recorded: Mapping[str, Mapping[str, str]], tree: Any, wh
                 f"under {where} is damaged): digest {got}, recorded {want['digest']}. "
                 f"Restore an earlier step."
             )
+
+
+def base_sample(kernel: Any) -> str:
+    """A content fingerprint of a base kernel: the digest of `SAMPLE` evenly spaced values,
+    rounded to bfloat16 (so the same weights in float32 or bfloat16 agree, while another
+    fine-tune of the architecture differs). Cheap for any size: only the sample leaves the
+    device.
+
+    Args:
+        kernel: the base kernel.
+
+    Returns:
+        The digest string.
+    """
+    flat = jax.numpy.ravel(kernel)
+    idx = np.linspace(0, flat.size - 1, min(flat.size, SAMPLE)).astype(np.int64)
+    return digest(np.asarray(jax.device_get(flat[idx].astype(jax.numpy.bfloat16))))
+
+
+def check_base_values(
+    entries: Mapping[str, Mapping[str, Any]], frozen_flat: Mapping[str, Any], strict: bool
+) -> None:
+    """Warns (or, with `strict`, raises a ValueError) naming the first targeted kernel whose
+    values differ from the base the adapter was saved with.
+
+    Args:
+        entries: the adapter record's entries (``base_sample`` where recorded).
+        frozen_flat: the base, flattened.
+        strict: raise instead of warning.
+    """
+    for path, entry in entries.items():
+        want = entry.get("base_sample")
+        if want is None or path not in frozen_flat:
+            continue
+        if base_sample(frozen_flat[path]) != want:
+            message = (
+                f"{path}: the base's values differ from those this adapter was saved with "
+                f"(same shapes; another fine-tune or checkpoint of the architecture?). The "
+                f"adapter was trained for the other weights."
+            )
+            if strict:
+                raise ValueError(message + " (strict=True)")
+            warnings.warn(message + " Pass strict=True to make this an error.", stacklevel=3)
+            return
