@@ -506,3 +506,23 @@ def test_a_base_with_other_weights_warns_and_strict_refuses(tmp_path):
         lj.load_adapter(tmp_path / "a", frozen=other, strict=True)
     lj.save_adapter(tmp_path / "b", state.lora)  # saved without its base: shapes only
     lj.load_adapter(tmp_path / "b", frozen=other, strict=True)
+
+
+def test_a_step_half_deleted_by_a_crash_is_not_listed_and_is_removed(tmp_path):
+    """Issue 16's leftover: a kill while retention deleted the oldest step left a folder
+    under its final name with part of ``state/``. It is not listed, reopening removes it,
+    and every complete step still restores. Retention now renames a step aside first."""
+    _, state = _trained(1)
+    with lj.CheckpointManager(tmp_path, max_to_keep=2, async_save=False) as mgr:
+        for i in range(1, 5):
+            mgr.save(i, state.replace(step=jnp.asarray(i, jnp.int32)))
+        assert mgr.all_steps() == [3, 4]
+    assert not (tmp_path / "_deleted").exists() or not any((tmp_path / "_deleted").iterdir())
+    for f in (tmp_path / "3" / "state").iterdir():  # what an interrupted rmtree leaves
+        if f.name in ("_METADATA", "manifest.ocdbt"):
+            f.unlink()
+    with lj.CheckpointManager(tmp_path, max_to_keep=2) as mgr:
+        assert mgr.all_steps() == [4] and mgr.latest_step() == 4
+        restored, _ = mgr.restore(state)
+        assert int(restored.step) == 4
+    assert not (tmp_path / "3").exists()  # reopening removed it

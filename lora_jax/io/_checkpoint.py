@@ -13,13 +13,15 @@ target's adapters against the stored metadata and refuses one whose scales diffe
 Resuming is exact: 20 steps in one go equal 10 steps, a save, a fresh process, a restore and
 10 more, bit for bit (same data order and rng; tested). After a ``kill -9`` mid-save the
 partial step is cleaned up when the folder is next opened (tested by killing a writer at
-several moments).
+several moments). Retention renames a step aside before deleting it, `all_steps` lists
+only steps with all their files, and opening the folder removes what a kill left behind.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -31,6 +33,7 @@ from lora_jax.core._paths import flatten
 from lora_jax.core._weights import flatten_lora
 from lora_jax.io._digest import tree_digests, verify_tree_digests
 from lora_jax.io._metadata import check_base, check_record, check_target, describe
+from lora_jax.io._steps import DELETED, complete, remove_leftovers
 from lora_jax.training._state import TrainState
 
 __all__ = ["CheckpointManager"]
@@ -129,7 +132,11 @@ class CheckpointManager:
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
+            # Retention renames a step aside (one atomic rename) before anything is
+            # deleted, so a kill mid-delete never leaves a partial step under its name.
+            todelete_subdir=DELETED,
         )
+        remove_leftovers(self.directory)
         self.orbax = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")
         )
@@ -257,9 +264,9 @@ class CheckpointManager:
         return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        """Every complete step on disk, oldest first."""
+        """Every complete step on disk (committed, with every item's files), oldest first."""
         self.orbax.reload()
-        return sorted(self.orbax.all_steps())
+        return sorted(s for s in self.orbax.all_steps() if complete(self.directory / str(s)))
 
     def wait_until_finished(self) -> None:
         """Blocks until the last save is fully on disk."""
@@ -270,9 +277,12 @@ class CheckpointManager:
         return self.orbax.is_saving_in_progress()
 
     def close(self) -> None:
-        """Waits for pending saves, then releases orbax's resources."""
+        """Waits for pending saves, then releases orbax's resources and deletes the steps
+        retention set aside."""
         self.orbax.wait_until_finished()
         self.orbax.close()
+        if jax.process_index() == 0:
+            shutil.rmtree(self.directory / DELETED, ignore_errors=True)
 
     def __enter__(self) -> CheckpointManager:
         return self
