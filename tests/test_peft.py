@@ -519,6 +519,19 @@ def test_import_rejects_keys_without_prefix(exported):
     assert "nothing was imported" in str(err.value)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "header"])
+def test_import_names_a_damaged_weights_file(exported, damage):
+    folder, config, variables, layouts = exported
+    path = folder / "adapter_model.safetensors"
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(data[:8] + b"\x00" * 16 + data[24:])  # the JSON header's start
+    with pytest.raises(ValueError, match=r"cannot read .*adapter_model\.safetensors.*damaged"):
+        lj.peft.import_adapter(folder, variables, module_map=module_map(config), layouts=layouts)
+
+
 def test_import_rejects_keys_naming_no_module(exported):
     folder, config, variables, layouts = exported
     _rewrite(folder, lambda k: k.replace("layers.1.", "layers.7."))

@@ -110,8 +110,15 @@ def torch_shapes(slot: Slot, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def read_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
-    """Every tensor of the folder's weights file, by key."""
-    return dict(safetensors().numpy.load_file(str(folder / WEIGHTS_FILE)))
+    """Every tensor of the folder's weights file, by key; a damaged or truncated file is a
+    ValueError naming it (safetensors keeps no checksum of the data itself)."""
+    where = folder / WEIGHTS_FILE
+    try:
+        return dict(safetensors().numpy.load_file(str(where)))
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for bad headers/sizes
+        raise ValueError(f"cannot read {where}: {err} (the file is damaged or truncated).") from err
 
 
 def group_tensors(
