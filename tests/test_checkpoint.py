@@ -452,6 +452,8 @@ def test_digests_verify_an_intact_adapter_and_name_the_array(tmp_path):
         lj.load_adapter(tmp_path / "a")
 
 
+# orbax leaves the reader's failure on a damaged file in a future nobody awaits
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_flipped_bytes_in_a_checkpoint_step_are_refused(tmp_path):
     """The same for a `CheckpointManager` step: its metadata records a digest of every state
     array (adapters, optimizer state, step, rng), checked on restore. Each array data file
