@@ -20,8 +20,8 @@ from lora_jax.core._views import Current, View
 from lora_jax.core._weights import LoraWeights
 
 __all__ = [
-    "REWRITE_STREAM",
     "call",
+    "dropout_for",
     "describe",
     "kernel_uses",
     "layouts_from_use",
@@ -33,6 +33,15 @@ __all__ = [
 # Folded into a call's lora_dropout key for the masks the contraction rewrite draws (the
 # framework layers draw theirs from the key itself).
 REWRITE_STREAM = 0x10A5
+
+
+def dropout_for(key: Any, rates: Mapping[str, float]) -> tuple | None:
+    """`rewrite`'s ``dropout``: a stream folded off a call's ``lora_dropout`` key (the
+    framework layers draw theirs from the key itself) and the rates, or None when no
+    adapter runs dropout."""
+    if key is None or not any(r > 0.0 for r in rates.values()):
+        return None
+    return jax.random.fold_in(key, REWRITE_STREAM), dict(rates)
 
 
 def trace(fn: Callable[..., Any], leaves: list, dynamic: list) -> tuple[Any, Any]:

@@ -21,8 +21,8 @@ from lora_jax.core._abstract import eval_shape
 from lora_jax.core._config import DROPOUT_RNG
 from lora_jax.core._layout import Layout
 from lora_jax.core._paths import flatten
-from lora_jax.core._use import REWRITE_STREAM, describe, kernel_uses, warn_merged
 from lora_jax.core._use import call as rewrite_call
+from lora_jax.core._use import describe, dropout_for, kernel_uses, warn_merged
 from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora
 from lora_jax.linen._inject import (
     A_SUFFIX,
@@ -85,9 +85,8 @@ def _run(
 def rewrite_dropout(kwargs: Mapping[str, Any], rates: Mapping[str, float]) -> tuple | None:
     """The rewrite's LoRA dropout: its own stream folded off the call's ``lora_dropout``
     key (the layers draw theirs through Flax), or None when no adapter runs dropout."""
-    if not any(r > 0.0 for r in rates.values()):
-        return None
-    return jax.random.fold_in(kwargs["rngs"][DROPOUT_RNG], REWRITE_STREAM), dict(rates)
+    rngs = kwargs.get("rngs")
+    return dropout_for(rngs.get(DROPOUT_RNG) if isinstance(rngs, Mapping) else None, rates)
 
 
 def _injectable(apply_fn: Any, frozen: Any, adapters: Mapping[str, Any]) -> frozenset[str]:

@@ -9,20 +9,16 @@ an adapted kernel (the ``dot_general`` inside an ``nnx.Linear``/``nnx.Einsum``, 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 from flax import nnx
 
-from lora_jax.core._config import DROPOUT_RNG
 from lora_jax.core._mixing import check_read, mixing, scales_of
 from lora_jax.core._paths import flatten, replace
-from lora_jax.core._use import REWRITE_STREAM
 from lora_jax.core._use import call as rewrite_call
 from lora_jax.core._weights import flatten_lora, unstacked_shapes
-from lora_jax.nnx._pure import dropout_rates
+from lora_jax.nnx._pure import call_method, dropout_rates, rewrite_dropout
 
 __all__ = ["lora_apply_mixed"]
 
@@ -64,18 +60,11 @@ def lora_apply_mixed(graphdef: nnx.GraphDef, *, deterministic: bool = False) -> 
         adapters = flatten_lora(stacked)
         rows, _, gains = mixing(adapter_ids, k, scales_of(adapters, k))
         rates, stream = dropout_rates(adapters, rngs, deterministic)
-        dropout = None
-        if stream is not None:
-            dropout = (jax.random.fold_in(rngs[DROPOUT_RNG], REWRITE_STREAM), rates)  # type: ignore[index]
+        dropout = rewrite_dropout(stream, rates)
 
         def program(values_: dict, *args_: Any, **kwargs_: Any) -> Any:
             model = nnx.merge(graphdef, replace(frozen, values_), copy=True)
-            call = (
-                getattr(model, method)
-                if isinstance(method, str)
-                else functools.partial(method, model)
-            )
-            return call(*args_, **kwargs_)
+            return call_method(model, method, args_, kwargs_)
 
         found: dict[str, set[str]] = {}
         out = rewrite_call(

@@ -22,12 +22,19 @@ from flax import nnx
 from lora_jax.core._abstract import eval_shape
 from lora_jax.core._config import DROPOUT_RNG
 from lora_jax.core._paths import flatten, replace
-from lora_jax.core._use import REWRITE_STREAM, kernel_uses, warn_merged
 from lora_jax.core._use import call as rewrite_call
+from lora_jax.core._use import dropout_for, kernel_uses, warn_merged
 from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora
 from lora_jax.nnx._layers import LAYER_CALLS, adapted_modules, attach, check_single, layers
 
-__all__ = ["dropout_rates", "lora_apply", "plan", "routes"]
+__all__ = [
+    "call_method",
+    "dropout_rates",
+    "lora_apply",
+    "plan",
+    "rewrite_dropout",
+    "routes",
+]
 
 
 def _same_axes(a: Any, b: Any) -> bool:
@@ -106,7 +113,8 @@ def _with_adapters(
     return model, sorted(rest)
 
 
-def _call(model: nnx.Module, method: Any, args: tuple, kwargs: dict) -> Any:
+def call_method(model: nnx.Module, method: Any, args: tuple, kwargs: dict) -> Any:
+    """``model.method(*args, **kwargs)``: `method` a name or a function of the model."""
     call = getattr(model, method) if isinstance(method, str) else functools.partial(method, model)
     return call(*args, **kwargs)
 
@@ -125,7 +133,7 @@ def _direct_reads(
             if hit is not None:
                 attach(hit[0], adapters[path], hit[1], 0.0, None)
                 ids[id(hit[0])] = path
-        return _call(model, method, args_, kwargs_)
+        return call_method(model, method, args_, kwargs_)
 
     counts: dict[int, int] = {}
     token = LAYER_CALLS.set(counts)
@@ -156,20 +164,25 @@ def _run(
     direct = _direct_reads(graphdef, frozen, adapters, method, args, kwargs)
     model, rest = _with_adapters(graphdef, frozen, adapters, rates, stream, direct)
     if not rest:
-        return _call(model, method, args, kwargs)
+        return call_method(model, method, args, kwargs)
     values = flatten(frozen)
     supported = {p: w for p, w in adapters.items() if p not in rest}
 
     def program(values_: dict, *args_: Any, **kwargs_: Any) -> Any:
         state = replace(frozen, values_)
         model_, _ = _with_adapters(graphdef, state, supported, rates, stream)
-        return _call(model_, method, args_, kwargs_)
+        return call_method(model_, method, args_, kwargs_)
 
-    dropout = None
-    if stream is not None and any(rates[p] > 0.0 for p in rest):
-        dropout = (jax.random.fold_in(stream(), REWRITE_STREAM), {p: rates[p] for p in rest})
+    dropout = rewrite_dropout(stream, {p: rates[p] for p in rest})
     served = {p: adapters[p] for p in rest}
     return rewrite_call(program, values, served, args, kwargs, found, dropout=dropout)
+
+
+def rewrite_dropout(stream: Any, rates: Mapping[str, float]) -> tuple | None:
+    """The contraction rewrite's LoRA dropout for a call with the `lora_dropout` `stream`
+    (None: no dropout): a key drawn from it, only when some adapter runs dropout."""
+    wanted = stream is not None and any(r > 0.0 for r in rates.values())
+    return dropout_for(stream() if wanted else None, rates)
 
 
 def _checked(frozen: Any, lora: Any, where: str) -> dict[str, LoraWeights]:

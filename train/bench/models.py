@@ -4,7 +4,7 @@ custom-module style of the open Flax LLMs (raw `self.param` kernels, `jnp.einsum
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -124,18 +124,23 @@ class MatmulMlp(nn.Module):
 
 class CustomBlock(nn.Module):
     cfg: GPTConfig
+    mlp: Any = MatmulMlp  # the MLP module class, and its name in the params
+    mlp_name: str = "mlp"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + EinsumAttention(self.cfg, name="attn")(nn.LayerNorm(name="ln1")(x))
-        return x + MatmulMlp(self.cfg, name="mlp")(nn.LayerNorm(name="ln2")(x))
+        return x + self.mlp(self.cfg, name=self.mlp_name)(nn.LayerNorm(name="ln2")(x))
 
 
 class CustomGPT(nn.Module):
     """`GPT` in the custom-module style: an embedding table read by ``table[ids]``, raw
-    einsum/matmul kernels, and an untied ``x @ lm_head`` output."""
+    einsum/matmul kernels, and an untied ``x @ lm_head`` output. A subclass swaps every
+    block's MLP by setting `mlp` and `mlp_name`."""
 
     cfg: GPTConfig
+    mlp: ClassVar[Any] = MatmulMlp
+    mlp_name: ClassVar[str] = "mlp"
 
     @nn.compact
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -143,7 +148,7 @@ class CustomGPT(nn.Module):
         x = self.param("embed", _INIT, (cfg.vocab, cfg.d_model))[ids]
         x = x + self.param("pos", _INIT, (cfg.seq, cfg.d_model))
         for i in range(cfg.layers):
-            x = CustomBlock(cfg, name=f"block_{i}")(x)
+            x = CustomBlock(cfg, self.mlp, self.mlp_name, name=f"block_{i}")(x)
         return nn.LayerNorm(name="ln_f")(x) @ self.param("lm_head", _INIT, (cfg.d_model, cfg.vocab))
 
 

@@ -10,12 +10,14 @@ TOP_K`` wide, so a token costs the FLOPs of the dense model's MLP.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
-from train.bench.models import EinsumAttention, GPTConfig
+from train.bench.models import CustomGPT, GPTConfig
 from train.bench.steps import Runner, full_runner, lora_runner
 
 EXPERTS = 8
@@ -62,28 +64,11 @@ class MoeMlp(nn.Module):
         return jnp.einsum("tkd,tk->td", y.reshape(-1, TOP_K, d), gates).reshape(x.shape)
 
 
-class MoeBlock(nn.Module):
-    cfg: GPTConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + EinsumAttention(self.cfg, name="attn")(nn.LayerNorm(name="ln1")(x))
-        return x + MoeMlp(self.cfg, name="moe")(nn.LayerNorm(name="ln2")(x))
-
-
-class MoEGPT(nn.Module):
+class MoEGPT(CustomGPT):
     """`CustomGPT` with a top-2 mixture of 8 experts as every block's MLP."""
 
-    cfg: GPTConfig
-
-    @nn.compact
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        x = self.param("embed", _INIT, (cfg.vocab, cfg.d_model))[ids]
-        x = x + self.param("pos", _INIT, (cfg.seq, cfg.d_model))
-        for i in range(cfg.layers):
-            x = MoeBlock(cfg, name=f"block_{i}")(x)
-        return nn.LayerNorm(name="ln_f")(x) @ self.param("lm_head", _INIT, (cfg.d_model, cfg.vocab))
+    mlp: ClassVar[Any] = MoeMlp
+    mlp_name: ClassVar[str] = "moe"
 
 
 def moe_runners(cfg: GPTConfig, ids: jax.Array) -> dict[str, Runner]:
