@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -528,3 +530,56 @@ def test_a_step_half_deleted_by_a_crash_is_not_listed_and_is_removed(tmp_path):
         restored, _ = mgr.restore(state)
         assert int(restored.step) == 4
     assert not (tmp_path / "3").exists()  # reopening removed it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_save_retain_and_restore(tmp_path):
+    """Two real processes over loopback, adapters sharded across them: the manager's save,
+    retention and restore, and `save_adapter` / `load_adapter`, as collective calls."""
+    worker, port = str(HERE / "checkpoint_worker.py"), str(_free_port())
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(i), port, str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    got = [np.load(tmp_path / f"result_{i}.npz") for i in range(2)]
+    assert [(tmp_path / f"steps_{i}.txt").read_text() for i in range(2)] == ["3 4", "3 4"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["3", "4"]
+    for key in got[0].files:
+        np.testing.assert_array_equal(got[0][key], got[1][key])  # both processes agree
+    r = got[0]
+    assert int(r["position"]) == 4
+    for key in [k for k in r.files if k.startswith("saved_latest")]:
+        rest = key.removeprefix("saved_latest")
+        np.testing.assert_array_equal(r["latest" + rest], r[key])
+        np.testing.assert_array_equal(r["replicated" + rest], r[key])
+        np.testing.assert_array_equal(r["earlier" + rest], r["saved_earlier" + rest])
+    assert any(
+        not np.array_equal(r["earlier" + k.removeprefix("latest")], r[k])
+        for k in r.files
+        if k.startswith("latest")
+    )  # step 3 is not step 4
+    # the adapter two processes wrote reads back whole in one process, digests verified
+    lora = lj.load_adapter(tmp_path / "adapter")
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(lora)[0]:
+        key = jax.tree_util.keystr(kp)
+        np.testing.assert_array_equal(np.asarray(leaf), r["lora" + key])
+        np.testing.assert_array_equal(np.asarray(leaf), r["loaded" + key])

@@ -8,6 +8,11 @@ versions, a fingerprint of the base and, for information, the config if one was 
 use a loaded adapter. The folder is written under a temporary name and renamed into place
 only when complete, so a crash never leaves a half-written adapter where a good one was.
 The base is never written.
+
+Under ``jax.distributed`` both are collective calls (every process calls them with the same
+arguments, on a folder every process sees): the adapters are gathered to the hosts (they are
+small), process 0 writes the files, and every process reads them back onto the requested
+sharding.
 """
 
 from __future__ import annotations
@@ -19,12 +24,20 @@ import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental.multihost_utils import sync_global_devices
 
 from lora_jax.core._config import LoraConfig
 from lora_jax.core._paths import flatten, nest
 from lora_jax.core._weights import flatten_lora
-from lora_jax.io._digest import base_sample, check_base_values, digest, verify_digests
+from lora_jax.io._digest import (
+    base_sample,
+    check_base_values,
+    digest,
+    host_array,
+    verify_digests,
+)
 from lora_jax.io._metadata import check_base, check_record, describe, weights_from_record
 
 __all__ = ["save_adapter", "load_adapter", "read_metadata", "METADATA_FILE"]
@@ -33,19 +46,27 @@ METADATA_FILE = "lora_adapter.json"
 ARRAYS = "arrays"
 
 
-def _single_process(what: str) -> None:
+def _sync(name: str) -> None:
+    """A barrier across processes under ``jax.distributed`` (nothing in one process)."""
     if jax.process_count() > 1:
-        raise ValueError(
-            f"{what} is a single-process call; under jax.distributed use lj.CheckpointManager, "
-            f"which every process calls."
-        )
+        sync_global_devices(name)
 
 
-def _arrays_tree(lora: Any) -> dict[str, Any]:
+def _host_arrays(lora: Any) -> dict[str, np.ndarray]:
+    """``{"<path>/a": host copy, ...}``: every factor whole on this host (gathered from the
+    other processes where sharded over them)."""
     flat = {}
     for path, w in flatten_lora(lora).items():
-        flat[f"{path}/a"], flat[f"{path}/b"] = w.a, w.b
-    return nest(flat)
+        flat[f"{path}/a"], flat[f"{path}/b"] = host_array(w.a), host_array(w.b)
+    return flat
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    """The first device; under ``jax.distributed``, replicated on every device."""
+    if jax.process_count() == 1:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def save_adapter(
@@ -59,7 +80,8 @@ def save_adapter(
     """Writes the adapters (never the base) and their metadata to the folder `path`.
 
     Every adapter's scale, dropout rate, layout and residual norm are stored with it, so
-    `load_adapter` needs nothing else.
+    `load_adapter` needs nothing else. Under ``jax.distributed`` every process calls it;
+    process 0 writes.
 
     Args:
         path: destination folder; its parent must exist.
@@ -74,7 +96,7 @@ def save_adapter(
             `load_adapter` onto a base of the same shapes but other weights warns.
 
     Raises:
-        ValueError: `path` exists and `overwrite` is False, or this is a multi-process run.
+        ValueError: `path` exists and `overwrite` is False.
         TypeError: `lora` holds something other than `LoraWeights`.
 
     Example:
@@ -87,31 +109,36 @@ def save_adapter(
         >>> lora["w"].scale, lora["w"].rank
         (8.0, 2)
     """
-    _single_process("save_adapter")
     dest = pathlib.Path(path).absolute()
     if dest.exists() and not overwrite:
         raise ValueError(f"{dest} exists; pass overwrite=True to replace it.")
     record = describe(lora, config)
     base = {} if frozen is None else flatten(frozen)
-    for p, w in flatten_lora(lora).items():
-        record["adapters"][p]["digests"] = {"a": digest(w.a), "b": digest(w.b)}
+    arrays = _host_arrays(lora)  # a collective where the adapters span processes
+    for p in flatten_lora(lora):
+        record["adapters"][p]["digests"] = {n: digest(arrays[f"{p}/{n}"]) for n in "ab"}
         if p in base:
             record["adapters"][p]["base_sample"] = base_sample(base[p])
+    writer = jax.process_index() == 0
     tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash
-    tmp.mkdir()
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp / ARRAYS, _arrays_tree(lora))
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash
+        tmp.mkdir()
+    _sync("lora_jax_save_adapter_begin")
+    with ocp.StandardCheckpointer() as ckptr:  # host arrays: orbax writes them on process 0
+        ckptr.save(tmp / ARRAYS, nest(arrays))
         ckptr.wait_until_finished()
-    with open(tmp / METADATA_FILE, "w") as f:
-        json.dump(record, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    old = dest.with_name(f".{dest.name}.old")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    if writer:
+        with open(tmp / METADATA_FILE, "w") as f:
+            json.dump(record, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        old = dest.with_name(f".{dest.name}.old")
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    _sync("lora_jax_save_adapter_end")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -161,14 +188,17 @@ def load_adapter(
 ) -> dict[str, Any]:
     """Reads an adapter written by `save_adapter`; needs no config.
 
+    Under ``jax.distributed`` every process calls it and reads the files itself.
+
     Args:
         path: the adapter folder.
         frozen: optional base to check against: every targeted path must exist there with
             the kernel shape the adapter was trained on, and, when the adapter was saved
             with its base (`save_adapter(..., frozen=)`), the same values (a sample of
             each kernel): a base with other weights warns, naming the first kernel.
-        sharding: where to put every array (default: the first device); for per-array
-            placement use `lora_jax.parallel.place` afterwards.
+        sharding: where to put every array (default: the first device; under
+            ``jax.distributed``, replicated on every device of every process); for
+            per-array placement use `lora_jax.parallel.place` afterwards.
         verify: check every restored array against the SHA-256 digest recorded at save
             (on by default; about 1 GB/s on a CPU core). ``verify=False`` skips it for
             those who need the speed and trust the storage.
@@ -194,12 +224,11 @@ def load_adapter(
         >>> lora2["w"].layout == lora["w"].layout, lora2["w"].scale == lora["w"].scale
         (True, True)
     """
-    _single_process("load_adapter")
     record = read_metadata(path)
     if frozen is not None:
         check_base(record, flatten(frozen))
         check_base_values(record["adapters"], flatten(frozen), strict)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = sharding or _default_sharding()
     abstract = {}
     for p, entry in record["adapters"].items():
         dtypes = {"a": entry["dtype"], "b": entry.get("b_dtype", entry["dtype"])}

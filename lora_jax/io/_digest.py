@@ -12,12 +12,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 __all__ = [
     "SAMPLE",
     "base_sample",
     "check_base_values",
     "digest",
+    "host_array",
     "tree_digests",
     "verify_digests",
     "verify_tree_digests",
@@ -42,7 +44,7 @@ def digest(x: Any) -> str:
         >>> digest(np.zeros(3, np.float32)) == digest(np.zeros(3, np.float32))
         True
     """
-    a = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+    a = np.ascontiguousarray(host_array(x))
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(a.tobytes())
     return f"sha256:{h.hexdigest()}"
@@ -77,19 +79,30 @@ def verify_digests(
                 )
 
 
-def _host_copy(x: Any) -> Any:
-    """A host copy of an array this process can see whole, else None (a global array
-    sharded over other processes' devices is not digested here)."""
+def host_array(x: Any) -> np.ndarray:
+    """The whole value of an array as a NumPy array on this host.
+
+    A global array sharded over other processes' devices is gathered from them
+    (`multihost_utils.process_allgather`): a collective, so under ``jax.distributed`` every
+    process must call this for the same arrays in the same order (the save and restore
+    functions that use it are collective calls).
+
+    Args:
+        x: an array (NumPy, or a JAX array local or global).
+
+    Returns:
+        The host copy.
+    """
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if not x.sharding.is_fully_replicated:
-            return None
-        x = x.addressable_data(0)
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 
 
 def tree_digests(tree: Any) -> dict[str, dict[str, str]]:
-    """``{key path: {"digest", "dtype"}}`` of every array leaf of `tree` this process can
-    read whole (for a checkpoint step's metadata).
+    """``{key path: {"digest", "dtype"}}`` of every array leaf of `tree` (for a checkpoint
+    step's metadata); leaves sharded over several processes are gathered (`host_array`).
 
     Args:
         tree: a pytree of arrays.
@@ -99,15 +112,14 @@ def tree_digests(tree: Any) -> dict[str, dict[str, str]]:
     """
     out = {}
     for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        host = _host_copy(leaf)
-        if host is not None:
-            out[jax.tree_util.keystr(kp)] = {"digest": digest(host), "dtype": host.dtype.str}
+        host = host_array(leaf)
+        out[jax.tree_util.keystr(kp)] = {"digest": digest(host), "dtype": host.dtype.str}
     return out
 
 
 def verify_tree_digests(recorded: Mapping[str, Mapping[str, str]], tree: Any, where: str) -> None:
     """Raises a ValueError naming the first leaf of `tree` whose digest differs from
-    `recorded` (leaves restored to another dtype, or not readable whole here, are skipped).
+    `recorded` (leaves restored to another dtype are skipped).
 
     Args:
         recorded: from `tree_digests` at save.
@@ -119,8 +131,8 @@ def verify_tree_digests(recorded: Mapping[str, Mapping[str, str]], tree: Any, wh
         want = recorded.get(key)
         if want is None:
             continue
-        host = _host_copy(leaf)
-        if host is None or host.dtype.str != want["dtype"]:
+        host = host_array(leaf)
+        if host.dtype.str != want["dtype"]:
             continue
         got = digest(host)
         if got != want["digest"]:
@@ -145,7 +157,7 @@ def base_sample(kernel: Any) -> str:
     """
     flat = jax.numpy.ravel(kernel)
     idx = np.linspace(0, flat.size - 1, min(flat.size, SAMPLE)).astype(np.int64)
-    return digest(np.asarray(jax.device_get(flat[idx].astype(jax.numpy.bfloat16))))
+    return digest(flat[idx].astype(jax.numpy.bfloat16))
 
 
 def check_base_values(
