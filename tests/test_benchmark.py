@@ -38,6 +38,7 @@ def test_benchmark_smoke_prints_every_row():
         "adapter save",
         "adapter restore",
         "adapter size on disk / raw A/B bytes",
+        "training-state step",
         "steps/s on 4 simulated CPU devices / 1 device",
     ):
         assert re.search(rf"^\| {re.escape(row)}.*\| [+-]?[0-9.]+ \(?", table, re.M), row

@@ -493,6 +493,31 @@ def test_flipped_bytes_in_a_checkpoint_step_are_refused(tmp_path):
     assert silent >= 1
 
 
+def test_steps_without_digests_restore_unverified(tmp_path):
+    """`digests=False` records none (the opt-out: no warning, nothing to verify); a step
+    from before digests existed restores with a warning that it is not verified."""
+    import warnings
+
+    _, state = _trained(1)
+    with lj.CheckpointManager(tmp_path, async_save=False, digests=False) as mgr:
+        mgr.save(1, state)
+        assert mgr._metadata(1)["state_digests"] is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            restored, _ = mgr.restore(state)
+        _leaves_equal(restored.lora, state.lora)
+        mgr.save(2, state)
+    meta = tmp_path / "2" / "meta" / "metadata"
+    record = json.loads(meta.read_text())
+    del record["state_digests"]  # as an older version wrote it
+    meta.write_text(json.dumps(record))
+    with (
+        lj.CheckpointManager(tmp_path) as mgr,
+        pytest.warns(UserWarning, match=r"no digests recorded \(saved by an older"),
+    ):
+        mgr.restore(state, 2)
+
+
 def test_a_base_with_other_weights_warns_and_strict_refuses(tmp_path):
     """Issue 16: the shape fingerprint let an adapter load onto another fine-tune of the
     same architecture silently; the sampled content fingerprint names the first kernel."""

@@ -211,6 +211,22 @@ def files_rows(f: dict[str, float]) -> list[str]:
     ]
 
 
+def state_rows(f: dict[str, float]) -> list[str]:
+    size = f"{f['state_bytes'] / 2**20:.1f} MiB"
+    rows = []
+    for name, what in (
+        ("save", "until `save` returns"),
+        ("write", "until on disk"),
+        ("restore", "restore"),
+    ):
+        on, off = f[f"state_{name}_s"], f[f"state_{name}_unverified_s"]
+        rows.append(
+            f"| training-state step ({size}), {what}, digests / none | {on:.3f} s "
+            f"| {off:.3f} s | {on / off:.2f} |  |"
+        )
+    return rows
+
+
 def scaling_rows(steps_per_s: dict[int, float]) -> list[str]:
     one = steps_per_s[1]
     return [
@@ -310,6 +326,7 @@ def main(argv: list[str] | None = None) -> str:
         rows += memory_rows(processes.peak_memory(args.preset))
     if "files" in parts:
         rows += files_rows(files.adapter_files(variables, args.rounds))
+        rows += state_rows(files.state_files(variables, args.rounds))
     if "scaling" in parts:
         print("  scaling: one process per device count", flush=True)
         rows += scaling_rows(processes.scaling(args.preset, max(args.rounds, 2)))

@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import optax
 
 import lora_jax as lj
 from train.bench.models import RANK
@@ -54,3 +56,51 @@ def adapter_files(variables: Any, rounds: int) -> dict[str, float]:
         "disk_bytes": float(size),
         "raw_bytes": float(raw),
     }
+
+
+def _train_state(variables: Any) -> lj.TrainState:
+    """A training state as a checkpoint step holds it: all-linear adapters with random B and
+    their Adam moments (non-zero, as after some steps)."""
+    config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=ALL_LINEAR)
+    _, lora = lj.split(variables, config, key=jax.random.key(1))
+
+    def noise(x: Any, k: int) -> Any:
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.zeros_like(x)
+        return 0.02 * jax.random.normal(jax.random.key(k), x.shape, x.dtype)
+
+    lora = jax.tree.map(lambda x: x + noise(x, 2), lora)
+    state = lj.TrainState.create(lora, optax.adam(1e-3), key=jax.random.key(3))
+    return state.replace(opt_state=jax.tree.map(lambda x: x + noise(x, 4), state.opt_state))
+
+
+def state_files(variables: Any, rounds: int) -> dict[str, float]:
+    """Median seconds of a `CheckpointManager` step holding the training state: `save` until
+    it returns (digests are computed before it does; the write goes on in the background),
+    save until on disk, and restore, each with and without digests."""
+    state = _train_state(variables)
+    times: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for digests in (True, False):
+            tag = "" if digests else "_unverified"
+            folder = pathlib.Path(tmp) / f"ckpt{tag}"
+            with lj.CheckpointManager(folder, max_to_keep=2, digests=digests) as mgr:
+                for i in range(max(rounds, 1) + 1):  # the first save warms orbax up
+                    start = time.perf_counter()
+                    mgr.save(i, state)
+                    returned = time.perf_counter() - start
+                    mgr.wait_until_finished()
+                    written = time.perf_counter() - start
+                    start = time.perf_counter()
+                    jax.block_until_ready(mgr.restore(state, i, verify=digests)[0])
+                    restored = time.perf_counter() - start
+                    if i:
+                        for name, t in (
+                            ("save", returned),
+                            ("write", written),
+                            ("restore", restored),
+                        ):
+                            times.setdefault(f"state_{name}{tag}_s", []).append(t)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["state_bytes"] = float(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
+    return out
