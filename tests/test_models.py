@@ -437,6 +437,18 @@ def test_load_errors_corrupt_file(saved, content, match):
         from_pretrained(folder)
 
 
+def test_a_truncated_base_file_is_named(saved):
+    """Issue 16: a HF base folder whose weights file was cut short (an interrupted copy) is
+    a clear error naming the file and the tensor that does not fit, not a crash later."""
+    _, folder = saved
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors: not a valid safetensors file .*tensor '"
+    ):
+        from_pretrained(folder)
+
+
 def test_load_errors_weights_files(saved):
     _, folder = saved
     state = read_safetensors(folder / "model.safetensors")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors
 
 import lora_jax as lj
 from train.models import Llama, from_pretrained
@@ -360,7 +361,7 @@ def test_export_records_patterns_as_exact_module_names(llama, tmp_path):
     }
     assert record["task_type"] is None and record["use_dora"] is False
     with st.safe_open(str(tmp_path / "adapter_model.safetensors"), "np") as f:
-        assert f.metadata() == {"format": "pt"}
+        assert f.metadata()["format"] == "pt"  # and our digests (PEFT ignores them)
         a = f.get_tensor("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight")
         b = f.get_tensor("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight")
     assert a.shape == (6, 96) and b.shape == (64, 6)
@@ -530,6 +531,25 @@ def test_import_names_a_damaged_weights_file(exported, damage):
         path.write_bytes(data[:8] + b"\x00" * 16 + data[24:])  # the JSON header's start
     with pytest.raises(ValueError, match=r"cannot read .*adapter_model\.safetensors.*damaged"):
         lj.peft.import_adapter(folder, variables, module_map=module_map(config), layouts=layouts)
+
+
+def test_import_refuses_flipped_bytes_in_an_exported_file(exported):
+    """Safetensors keeps no checksum: flipped data bytes load as wrong numbers. Our exports
+    record each tensor's digest in the header metadata (PEFT ignores it), checked on import."""
+    folder, config, variables, layouts = exported
+    path = folder / "adapter_model.safetensors"
+    with safetensors.safe_open(str(path), framework="np") as f:
+        assert f.metadata()["format"] == "pt" and "lora_jax.sha256" in f.metadata()
+    kw = dict(module_map=module_map(config), layouts=layouts)
+    good = lj.peft.import_adapter(folder, variables, **kw)
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(b ^ 0x5A for b in data[-64:])  # the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: tensor 'base_model\.model"):
+        lj.peft.import_adapter(folder, variables, **kw)
+    wrong = lj.peft.import_adapter(folder, variables, verify=False, **kw)
+    pairs = zip(jax.tree.leaves(good), jax.tree.leaves(wrong), strict=True)
+    assert not all(np.array_equal(x, y) for x, y in pairs)  # unchecked: wrong numbers
 
 
 def test_import_rejects_keys_naming_no_module(exported):

@@ -20,7 +20,14 @@ from lora_jax.core._weights import LoraWeights, flatten_lora, kernel_shape
 from lora_jax.peft._config import CONFIG_FILE, export_record, peft_alpha
 from lora_jax.peft._module_map import ModuleMap
 from lora_jax.peft._slots import Slot, file_names, listing, module_slots, unsupported_reason
-from lora_jax.peft._tensors import PREFIX, SUFFIX, WEIGHTS_FILE, safetensors, torch_factors
+from lora_jax.peft._tensors import (
+    PREFIX,
+    SUFFIX,
+    WEIGHTS_FILE,
+    file_metadata,
+    safetensors,
+    torch_factors,
+)
 
 __all__ = ["export_adapter"]
 
@@ -156,8 +163,10 @@ def export_adapter(
     adapter: when our adapters' dropout rates differ, the most common rate is written.
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (header metadata
-    ``{"format": "pt"}``; keys ``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and
-    ``.lora_B.weight`` ``(out, r)``, for embeddings ``.lora_embedding_A`` ``(r, vocab)`` and
+    ``{"format": "pt"}`` and ``"lora_jax.sha256"``, the digest of every tensor, which
+    `import_adapter` checks and PEFT ignores; keys
+    ``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and ``.lora_B.weight``
+    ``(out, r)``, for embeddings ``.lora_embedding_A`` ``(r, vocab)`` and
     ``.lora_embedding_B`` ``(dim, r)``; an expert stack of a ``"parameter"`` rule is listed
     in ``target_parameters`` and saved as PEFT's nested ``ParamWrapper`` s save it,
     ``lora_A.weight`` ``(E*r, in)`` and ``lora_B.weight`` ``(out, r*E)``, under its module's
@@ -215,7 +224,7 @@ def export_adapter(
     folder.mkdir(parents=True, exist_ok=True)
     _replace_file(
         folder / WEIGHTS_FILE,
-        lambda tmp: st.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"}),
+        lambda tmp: st.numpy.save_file(tensors, str(tmp), metadata=file_metadata(tensors)),
     )
     _replace_file(
         folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n")

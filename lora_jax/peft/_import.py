@@ -178,6 +178,7 @@ def import_adapter(
     module_map: ModuleMap,
     layouts: Mapping[str, Layout] | None = None,
     dtype: Any = jnp.float32,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Reads a PEFT LoRA folder onto a Flax base: adapters ready for `lora_jax.lora_apply`.
 
@@ -201,6 +202,8 @@ def import_adapter(
             needed for kernels with more than 2 axes (scanned layers, DenseGeneral), and
             for embeddings to come back with an ``embed`` layout.
         dtype: dtype of the adapter weights; float32 (as PEFT loads them) by default.
+        verify: check each tensor against the SHA-256 digest `export_adapter` records in
+            the file's header metadata (files PEFT wrote have none: not checked).
 
     Returns:
         Nested adapters (`LoraWeights` leaves) like `lora_jax.split` makes, one per kernel
@@ -213,7 +216,8 @@ def import_adapter(
             ``target_parameters``, which PEFT refuses to load); keys lack the
             ``base_model.model.`` prefix or name no module of the base (all listed); shapes
             that do not fit the config or the base; the modules of one Flax kernel with
-            different ranks, alphas or (fused) A's; saved base weights that differ.
+            different ranks, alphas or (fused) A's; saved base weights that differ; a
+            damaged weights file (unreadable, or a tensor whose digest differs).
         TypeError: `dtype` is not a floating dtype.
         ImportError: ``safetensors`` is not installed.
 
@@ -236,7 +240,7 @@ def import_adapter(
         if not (folder / name).is_file():
             raise ValueError(f"{folder}: no {name}; a PEFT LoRA adapter folder holds both files.")
     record = read_config(folder)
-    tensors = read_tensors(folder)
+    tensors = read_tensors(folder, verify)
     flat = flatten(frozen)
     modules, unsupported = _universe(flat, module_map, layouts or {})
     groups, bases = _file_groups(record, tensors, modules, unsupported)

@@ -16,6 +16,7 @@ An expert stack (PEFT's ``target_parameters``, `ParamWrapper` in
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 import re
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from lora_jax.core._paths import close_matches
+from lora_jax.io._digest import digest
 from lora_jax.peft._slots import Slot, listing
 
 __all__ = [
@@ -36,11 +38,15 @@ __all__ = [
     "flax_blocks",
     "torch_shapes",
     "read_tensors",
+    "file_metadata",
     "group_tensors",
     "torch_weight",
 ]
 
 WEIGHTS_FILE = "adapter_model.safetensors"
+# The header metadata key of the SHA-256 digests of every tensor (our exports record them;
+# PEFT and the serving engines ignore extra metadata).
+DIGESTS = "lora_jax.sha256"
 PREFIX = "base_model.model."
 _KEY = re.compile(
     r"(?P<module>.+)\.(?P<suffix>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
@@ -109,16 +115,36 @@ def torch_shapes(slot: Slot, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return (slot.experts * r, p_in), (p_out, r * slot.experts)
 
 
-def read_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
-    """Every tensor of the folder's weights file, by key; a damaged or truncated file is a
-    ValueError naming it (safetensors keeps no checksum of the data itself)."""
+def file_metadata(tensors: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """The safetensors header metadata of an export: PEFT's ``format`` and our digests."""
+    digests = {k: digest(v) for k, v in sorted(tensors.items())}
+    return {"format": "pt", DIGESTS: json.dumps(digests, separators=(",", ":"))}
+
+
+def read_tensors(folder: pathlib.Path, verify: bool = True) -> dict[str, np.ndarray]:
+    """Every tensor of the folder's weights file, by key. A damaged or truncated file is a
+    ValueError naming it; safetensors keeps no checksum of the data, so a file we exported
+    (digests in its header metadata) is also checked tensor by tensor with `verify`."""
     where = folder / WEIGHTS_FILE
+    st = safetensors()
     try:
-        return dict(safetensors().numpy.load_file(str(where)))
+        with st.safe_open(str(where), framework="np") as f:
+            meta = f.metadata() or {}
+        tensors = dict(st.numpy.load_file(str(where)))
     except FileNotFoundError:
         raise
     except Exception as err:  # safetensors raises its own error types for bad headers/sizes
         raise ValueError(f"cannot read {where}: {err} (the file is damaged or truncated).") from err
+    if verify and DIGESTS in meta:
+        recorded = json.loads(meta[DIGESTS])
+        for key, want in recorded.items():
+            got = digest(tensors[key]) if key in tensors else "missing"
+            if got != want:
+                raise ValueError(
+                    f"{where}: tensor {key!r} does not match what was exported (the file is "
+                    f"damaged): digest {got}, recorded {want}. Export or copy it again."
+                )
+    return tensors
 
 
 def group_tensors(
