@@ -238,16 +238,9 @@ def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
     result = run_lora(s, base, train_set, evals, strategy, out if main else None)
     report: dict[str, Any] = {"base_eval_loss": base_loss, **_lora_report(result)}
     run_dir = pathlib.Path(s.run_dir).absolute()
-    if jax.process_count() == 1:
-        lj.save_adapter(run_dir / ADAPTER, result.lora, overwrite=True, frozen=base.variables)
-        report["adapter_bytes_on_disk"] = _folder_bytes(run_dir / ADAPTER)
-    elif main:  # save_adapter is single-process; the last checkpoint holds the adapter
-        print(
-            f"Multi-process run: the adapter is in {run_dir / CHECKPOINTS}/{s.steps}; "
-            f"`python -m train export --run-dir {run_dir} --lora-out DIR` writes it as a "
-            "standalone adapter.",
-            file=out,
-        )
+    # Every process calls it (a collective under jax.distributed); process 0 writes.
+    lj.save_adapter(run_dir / ADAPTER, result.lora, overwrite=True, frozen=base.variables)
+    report["adapter_bytes_on_disk"] = _folder_bytes(run_dir / ADAPTER)
     if s.compare_full:
         with Reporter(
             None, total=s.steps, start=0, progress=s.progress, desc="full", stream=out, enabled=main
