@@ -557,6 +557,62 @@ def test_a_step_half_deleted_by_a_crash_is_not_listed_and_is_removed(tmp_path):
     assert not (tmp_path / "3").exists()  # reopening removed it
 
 
+def test_retention_deletes_as_it_goes(tmp_path):
+    """Steps retention sets aside are deleted at the next save, not only at close: a long
+    run holds at most max_to_keep + 1 steps on disk (it used to keep every one in
+    ``_deleted/`` until the manager closed)."""
+    _, state = _trained(1)
+    mgr = lj.CheckpointManager(tmp_path, max_to_keep=2)
+    for i in range(1, 9):
+        mgr.save(i, state.replace(step=jnp.asarray(i, jnp.int32)))
+        mgr.wait_until_finished()
+        on_disk = [p for p in tmp_path.rglob("*") if p.is_dir() and p.name.isdigit()]
+        aside = list((tmp_path / "_deleted").iterdir()) if (tmp_path / "_deleted").exists() else []
+        assert len(on_disk) <= 3 and len(aside) <= 1, (i, on_disk)
+    assert mgr.all_steps() == [7, 8]
+    mgr.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["7", "8"]
+
+
+def test_a_reader_opens_read_only_and_touches_nothing(tmp_path):
+    """Opening for writing removes leftovers, which would delete a live writer's save in
+    progress; a reader (an eval job) opens with read_only=True: lists, restores, and
+    leaves the folder as it is. The app's eval/sample/export open checkpoints this way."""
+    _, state = _trained(1)
+    with lj.CheckpointManager(tmp_path, async_save=False) as mgr:
+        mgr.save(1, state)
+    in_flight = tmp_path / "2.orbax-checkpoint-tmp"  # a writer's save in progress
+    (in_flight / "state").mkdir(parents=True)
+    (tmp_path / "_deleted" / "0").mkdir(parents=True)
+    with lj.CheckpointManager(tmp_path, read_only=True) as mgr:
+        assert mgr.all_steps() == [1]
+        restored, _ = mgr.restore(state)
+        _leaves_equal(restored.lora, state.lora)
+        with pytest.raises(ValueError, match="read_only=True; it cannot save"):
+            mgr.save(2, state)
+    time.sleep(0.2)
+    assert in_flight.is_dir() and (tmp_path / "_deleted" / "0").is_dir()
+    with lj.CheckpointManager(tmp_path) as mgr:  # a writer reopening after a crash
+        assert not in_flight.exists() and not (tmp_path / "_deleted").exists()
+        assert mgr.all_steps() == [1]
+
+
+def test_a_step_restores_only_onto_its_base_values(tmp_path):
+    """`save(..., frozen=base)` records the base's content fingerprint in the step, as
+    `save_adapter` does: a resume onto other weights of the same shapes warns, and is an
+    error under strict (the app resumes strictly)."""
+    frozen, state = _trained(1)
+    other = jax.tree.map(lambda x: x + 0.01, frozen)
+    with lj.CheckpointManager(tmp_path, async_save=False) as mgr:
+        mgr.save(1, state, frozen=frozen)
+        assert all("base_sample" in e for e in mgr._metadata(1)["adapters"].values())
+        mgr.restore(state, frozen=frozen, strict=True)  # the same base: silent
+        with pytest.warns(UserWarning, match=r"params/fc1/kernel: the base's values differ"):
+            mgr.restore(state, frozen=other)
+        with pytest.raises(ValueError, match=r"params/fc1/kernel: .*strict=True"):
+            mgr.restore(state, frozen=other, strict=True)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -199,8 +199,9 @@ def _load_adapter(s: Settings, base: Base) -> tuple[Any, Any]:
         if (folder / lj.io.METADATA_FILE).exists():
             lora = lj.load_adapter(folder, frozen=base.variables, strict=True)
         elif not s.adapter and checkpoints.is_dir() and any(checkpoints.iterdir()):
-            with lj.CheckpointManager(checkpoints) as mgr:
-                state, _ = mgr.restore(new_state(s, base)[1], frozen=base.variables)
+            with lj.CheckpointManager(checkpoints, read_only=True) as mgr:
+                target = new_state(s, base)[1]
+                state, _ = mgr.restore(target, frozen=base.variables, strict=True)
             lora = state.lora
         else:
             raise UserError(

@@ -174,7 +174,8 @@ def run_lora(
         )
     if latest is not None:
         _check_resume(run_dir, s)
-        state, position = mgr.restore(restore_target(strategy, state, frozen), frozen=frozen)
+        target = restore_target(strategy, state, frozen)
+        state, position = mgr.restore(target, frozen=frozen, strict=True)
         loader.set_state(position["loader"])
         start = int(state.step)
     if main:
@@ -236,6 +237,7 @@ def run_lora(
                     placed,  # a pmap state is saved as one copy
                     data_position={"loader": loader.get_state()},
                     force=step == s.steps,
+                    frozen=frozen,
                 )
         mgr.wait_until_finished()
     mgr.close()

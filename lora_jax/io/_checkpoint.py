@@ -5,23 +5,24 @@ does not expose). Each step folder holds three items: ``state`` (adapters, optim
 step, rng, skip count), ``data`` (the data-position record the caller hands in, JSON) and
 ``meta`` (the adapter metadata of `lora_jax.save_adapter`: each adapter's layout, rank,
 scale and dropout rate, the base fingerprint, and the SHA-256 digest of every state array,
-verified on restore). Orbax finalizes a step only when every
-item is written, so a crash mid-save leaves the previous steps usable and the partial one
-invisible. The frozen base is never written. No config is needed: a restore checks the
-target's adapters against the stored metadata and refuses one whose scales differ.
+verified on restore). Orbax finalizes a step only when every item is written, so a crash
+mid-save leaves the previous steps usable and the partial one invisible. The frozen base
+is never written. No config is needed: a restore checks the target's adapters against the
+stored metadata and refuses one whose scales differ.
 
 Resuming is exact: 20 steps in one go equal 10 steps, a save, a fresh process, a restore and
 10 more, bit for bit (same data order and rng; tested). After a ``kill -9`` mid-save the
 partial step is cleaned up when the folder is next opened (tested by killing a writer at
-several moments). Retention renames a step aside before deleting it, `all_steps` lists
-only steps with all their files, and opening the folder removes what a kill left behind.
+several moments). Retention renames a step aside (deleted at the next save), `all_steps`
+lists only steps with all their files, and opening the folder for writing removes what a
+kill left behind (tested with 20 random kills of a writer keeping 3 steps). One process
+group writes a folder; readers open it with ``read_only=True``.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 from typing import Any
 
 import jax
@@ -31,31 +32,19 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from lora_jax.core._paths import flatten
 from lora_jax.core._weights import flatten_lora
-from lora_jax.io._digest import MISSING, tree_digests, verify_tree_digests
+from lora_jax.io._digest import (
+    MISSING,
+    base_sample,
+    check_base_values,
+    tree_digests,
+    verify_tree_digests,
+)
 from lora_jax.io._metadata import check_base, check_record, check_target, describe
-from lora_jax.io._steps import DELETED, complete, remove_leftovers
+from lora_jax.io._steps import DELETED, complete, purge, remove_leftovers
+from lora_jax.io._stored import abstract, from_storable, storable
 from lora_jax.training._state import TrainState
 
 __all__ = ["CheckpointManager"]
-
-
-def _storable(state: TrainState) -> dict[str, Any]:
-    """The state as plain arrays (typed PRNG keys as their raw key data)."""
-    return {
-        "step": state.step,
-        "lora": state.lora,
-        "opt_state": state.opt_state,
-        "rng": jax.random.key_data(state.rng),
-        "skipped": state.skipped,
-    }
-
-
-def _abstract(tree: Any) -> Any:
-    def spec(x: Any) -> jax.ShapeDtypeStruct:
-        sharding = getattr(x, "sharding", None)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-    return jax.tree.map(spec, tree)
 
 
 class CheckpointManager:
@@ -94,6 +83,7 @@ class CheckpointManager:
         keep_best: int = 1,
         async_save: bool = True,
         digests: bool = True,
+        read_only: bool = False,
     ) -> None:
         """Opens (or creates) a checkpoint folder.
 
@@ -111,6 +101,9 @@ class CheckpointManager:
                 `restore` to verify (on by default; computed before `save` returns, about
                 2 s per GB on a CPU core). ``False`` is for those who need the speed and
                 trust the storage: its steps restore unverified.
+            read_only: only list and restore: no saves, and nothing in the folder is
+                touched (opening for writing removes temporary folders, so a reader, such
+                as an evaluation job, must open a folder a training run writes this way).
 
         Raises:
             ValueError: a bad `best_mode` or a count below 1.
@@ -136,13 +129,17 @@ class CheckpointManager:
             save_interval_steps=save_interval_steps,
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
             # Retention renames a step aside (one atomic rename) before anything is
             # deleted, so a kill mid-delete never leaves a partial step under its name.
             todelete_subdir=DELETED,
         )
         self.digests = digests
-        remove_leftovers(self.directory)
+        self._base: tuple[Any, dict[str, str]] | None = None
+        self.read_only = read_only
+        if not read_only:
+            remove_leftovers(self.directory)
         self.orbax = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")
         )
@@ -155,6 +152,7 @@ class CheckpointManager:
         data_position: dict[str, Any] | None = None,
         metrics: dict[str, float] | None = None,
         force: bool = False,
+        frozen: Any = None,
     ) -> bool:
         """Saves `state` as `step` (asynchronously by default).
 
@@ -167,18 +165,33 @@ class CheckpointManager:
                 by `restore`.
             metrics: scalar metrics for `best_metric` retention.
             force: save even if `step` is not a multiple of `save_interval_steps`.
+            frozen: optional base being trained on: a content fingerprint of each targeted
+                kernel is recorded (as `lora_jax.save_adapter` does; computed once per
+                base object), for `restore(..., frozen=)` to check.
 
         Returns:
             Whether a save was started.
+
+        Raises:
+            ValueError: the manager was opened with ``read_only=True``.
         """
+        if self.read_only:
+            raise ValueError(f"{self.directory} was opened with read_only=True; it cannot save.")
+        if force or self.orbax.should_save(step):
+            # The steps the last save's retention set aside go now (orbax waits for that
+            # save here anyway), so the folder holds max_to_keep steps plus one at most.
+            self.orbax.wait_until_finished()
+            purge(self.directory)
         if jnp.ndim(state.step) == 1:  # replicated for pmap: every copy is the same
             state = jax.tree.map(lambda x: x[0], state)
         record = describe(state.lora)
-        storable = _storable(state)
-        record["state_digests"] = tree_digests(storable) if self.digests else None
+        for path, sample in self._base_samples(frozen, record["adapters"]).items():
+            record["adapters"][path]["base_sample"] = sample
+        stored = storable(state)
+        record["state_digests"] = tree_digests(stored) if self.digests else None
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(storable),
+            state=ocp.args.StandardSave(stored),
             data=ocp.args.JsonSave(data_position or {}),
             meta=ocp.args.JsonSave(record),
         )
@@ -191,6 +204,7 @@ class CheckpointManager:
         *,
         frozen: Any = None,
         verify: bool = True,
+        strict: bool = False,
     ) -> tuple[TrainState, dict[str, Any]]:
         """Restores a step (the latest by default) into the structure of `target`.
 
@@ -205,9 +219,12 @@ class CheckpointManager:
                 written on 4 devices onto 1 or 2, or onto a mesh, by giving a target with
                 those shardings.
             step: which step; None for the latest.
-            frozen: optional base to check the stored fingerprint against.
+            frozen: optional base to check against: the targeted paths and shapes, and,
+                for a step saved with its base, a sample of each kernel's values (a base
+                with other weights warns, naming the first kernel).
             verify: check every restored array against the SHA-256 digest recorded at
                 save (on by default); ``verify=False`` skips it.
+            strict: a base with the right shapes but other values is a ValueError.
 
         Returns:
             ``(state, data_position)``.
@@ -229,12 +246,13 @@ class CheckpointManager:
         check_target(record, flatten_lora(target.lora))
         if frozen is not None:
             check_base(record, flatten(frozen))
-        abstract = _abstract(_storable(target))
+            check_base_values(record["adapters"], flatten(frozen), strict)
+        target_tree = abstract(storable(target))
         try:
             got = self.orbax.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+                    state=ocp.args.StandardRestore(target_tree), data=ocp.args.JsonRestore()
                 ),
             )
         except Exception as err:  # orbax/tensorstore raise many types for damaged files
@@ -243,15 +261,17 @@ class CheckpointManager:
         if verify:
             where = str(self.directory / str(step))
             verify_tree_digests(record.get("state_digests", MISSING), s, where)
-        impl = jax.random.key_impl(target.rng)
-        state = TrainState(
-            step=s["step"],
-            lora=s["lora"],
-            opt_state=s["opt_state"],
-            rng=jax.random.wrap_key_data(s["rng"], impl=impl),
-            skipped=s["skipped"],
-        )
-        return state, dict(got["data"] or {})
+        return from_storable(s, target), dict(got["data"] or {})
+
+    def _base_samples(self, frozen: Any, adapters: dict[str, Any]) -> dict[str, str]:
+        """``{path: base_sample}`` of the targeted kernels, kept for the last base object."""
+        if frozen is None:
+            return {}
+        if self._base is None or self._base[0] is not frozen:
+            flat = flatten(frozen)
+            samples = {p: base_sample(flat[p]) for p in adapters if p in flat}
+            self._base = (frozen, samples)
+        return self._base[1]
 
     def _metadata(self, step: int) -> dict[str, Any]:
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
@@ -287,8 +307,8 @@ class CheckpointManager:
         retention set aside."""
         self.orbax.wait_until_finished()
         self.orbax.close()
-        if jax.process_index() == 0:
-            shutil.rmtree(self.directory / DELETED, ignore_errors=True)
+        if not self.read_only:
+            purge(self.directory)
 
     def __enter__(self) -> CheckpointManager:
         return self
