@@ -3,6 +3,7 @@ digest check), and the size on disk against the raw bytes of the A/B arrays."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import statistics
 import tempfile
@@ -71,7 +72,9 @@ def _train_state(variables: Any) -> lj.TrainState:
 
     lora = jax.tree.map(lambda x: x + noise(x, 2), lora)
     state = lj.TrainState.create(lora, optax.adam(1e-3), key=jax.random.key(3))
-    return state.replace(opt_state=jax.tree.map(lambda x: x + noise(x, 4), state.opt_state))
+    return dataclasses.replace(
+        state, opt_state=jax.tree.map(lambda x: x + noise(x, 4), state.opt_state)
+    )
 
 
 def state_files(variables: Any, rounds: int) -> dict[str, float]:
