@@ -200,7 +200,7 @@ def load_adapter(
             ``jax.distributed``, replicated on every device of every process); for
             per-array placement use `lora_jax.parallel.place` afterwards.
         verify: check every restored array against the SHA-256 digest recorded at save
-            (on by default; about 2 s per GB on a CPU core). ``verify=False`` skips it,
+            (on by default; about 1 s per GB on a CPU core). ``verify=False`` skips it,
             for those who need the speed and trust the storage.
         strict: a base with the right shapes but other values is a ValueError, not a
             warning.

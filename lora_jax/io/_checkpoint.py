@@ -99,7 +99,7 @@ class CheckpointManager:
             async_save: write in a background thread.
             digests: record the SHA-256 digest of every state array in each step, for
                 `restore` to verify (on by default; computed before `save` returns, about
-                2 s per GB on a CPU core). ``False`` is for those who need the speed and
+                1 s per GB on a CPU core). ``False`` is for those who need the speed and
                 trust the storage: its steps restore unverified.
             read_only: only list and restore: no saves, and nothing in the folder is
                 touched (opening for writing removes temporary folders, so a reader, such
