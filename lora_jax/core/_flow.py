@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax.core._packed import is_packed, packed_or_pending, unpack
 from lora_jax.core._views import View, without_axis
 
 __all__ = ["cond", "remat", "scan", "while_loop"]
@@ -90,6 +91,7 @@ def scan(interp: Any, eqn: Any, invals: list, inviews: list, adapters: dict) -> 
         else x
         for x, w, v in zip(xs, xviews, body_views, strict=True)
     ]
+    xs, rebuilds = _scannable(xs)
     paths = sorted(factors)
     key = interp.scope_key()
     keys = None if key is None else jax.random.split(key, p["length"])
@@ -97,6 +99,7 @@ def scan(interp: Any, eqn: Any, invals: list, inviews: list, adapters: dict) -> 
 
     def body(c: tuple, step: tuple) -> tuple:
         x_vals, fac, k = step
+        x_vals = [x if r is None else r(x) for x, r in zip(x_vals, rebuilds, strict=True)]
         inner = dict(adapters)
         for q, (a, b) in zip(paths, fac, strict=True):
             inner[q] = dataclasses.replace(sliced[q], a=a, b=b)
@@ -115,3 +118,19 @@ def scan(interp: Any, eqn: Any, invals: list, inviews: list, adapters: dict) -> 
         unroll=p["unroll"],
     )
     return list(final) + list(ys)
+
+
+def _scannable(xs: list) -> tuple[list, list]:
+    """A scan's inputs with each packed kernel as the arrays it is stored in (sliced per
+    iteration like any input, rebuilt in the body), so a scanned layer unpacks only its
+    own slice; a kernel that cannot be sliced so is unpacked before the loop."""
+    out, rebuilds = [], []
+    for x in xs:
+        found = x.scan_parts() if is_packed(x) else None
+        if found is not None:
+            out.append(found[0])
+            rebuilds.append(found[1])
+        else:
+            out.append(unpack(x) if packed_or_pending(x) else x)
+            rebuilds.append(None)
+    return out, rebuilds

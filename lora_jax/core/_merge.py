@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lora_jax.core._packed import unpack
 from lora_jax.core._paths import flatten, replace
 from lora_jax.core._weights import check_fits, flatten_lora, scaled_delta
 
@@ -11,8 +12,9 @@ __all__ = ["merge", "unmerge"]
 
 
 def _shifted(tree: Any, lora: Any, sign: float) -> Any:
-    flat = flatten(tree)
     adapters = flatten_lora(lora)
+    # a packed (quantized) kernel is merged as its float value: the result is float there
+    flat = {p: unpack(v) if p in adapters else v for p, v in flatten(tree).items()}
     for path, w in adapters.items():
         if isinstance(w.scale, tuple):
             raise TypeError(
@@ -33,8 +35,9 @@ def merge(frozen: Any, lora: Any) -> Any:
 
     Each adapter's scale s is its own (`LoraWeights.scale`). The result has the structure
     of `frozen` (a Flax variables dict, an ``nnx.State`` or any pytree) and works with the
-    unmodified ``model.apply``. Each merged kernel keeps its
-    dtype (the update is cast to it).
+    unmodified ``model.apply``. Each merged kernel keeps its dtype (the update is cast to
+    it); a quantized kernel (`lora_jax.quant`) is merged as its float value and comes back
+    float (`lora_jax.quant.merge` requantizes it and reports the error).
 
     Args:
         frozen: the base from `lora_jax.split` (for PiSSA, the residual base it returned).

@@ -1,7 +1,8 @@
 """Parameter paths: the `/`-joined names that configs match and adapters are keyed by.
 
 Flax NNX `Variable`s (the leaves of an ``nnx.State``) count as leaves holding their value:
-``nnx.split(model)[1]`` flattens to ``{"layers/0/kernel": array}``, like a params dict.
+``nnx.split(model)[1]`` flattens to ``{"layers/0/kernel": array}``, like a params dict. A
+packed (quantized) kernel is one leaf too (`lora_jax.core._packed`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 import jax
 from flax import nnx
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+
+from lora_jax.core._packed import is_packed
 
 
 def key_name(entry: Any) -> str:
@@ -34,7 +37,8 @@ def path_str(keypath: tuple[Any, ...]) -> str:
 
 
 def _is_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
+    """A leaf for paths: an NNX variable, or a packed (quantized) kernel."""
+    return isinstance(x, nnx.Variable) or is_packed(x)
 
 
 def flatten(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
@@ -42,7 +46,7 @@ def flatten(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[str
     give their value)."""
     test = _is_variable if is_leaf is None else lambda x: _is_variable(x) or is_leaf(x)
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=test)
-    return {path_str(kp): x.get_value() if _is_variable(x) else x for kp, x in flat}
+    return {path_str(kp): x.get_value() if isinstance(x, nnx.Variable) else x for kp, x in flat}
 
 
 def replace(tree: Any, new_leaves: Mapping[str, Any]) -> Any:
@@ -55,7 +59,7 @@ def replace(tree: Any, new_leaves: Mapping[str, Any]) -> Any:
         new = new_leaves.get(path_str(kp), leaf)
         if new is leaf:
             return leaf
-        return leaf.replace(new) if _is_variable(leaf) else new
+        return leaf.replace(new) if isinstance(leaf, nnx.Variable) else new
 
     return jax.tree_util.tree_map_with_path(swap, tree, is_leaf=_is_variable)
 

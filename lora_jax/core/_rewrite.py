@@ -27,6 +27,7 @@ from jax.extend.core import Literal
 
 from lora_jax.core._contract import low_rank_conv, low_rank_dot, low_rank_ragged
 from lora_jax.core._flow import cond, remat, scan, while_loop
+from lora_jax.core._packed import computed, follow, packed_or_pending, unpack
 from lora_jax.core._views import Current, View, reshaped, sliced
 
 __all__ = ["CALLS", "CUSTOM", "PASS", "REMAT", "Current", "Interpreter", "View"]
@@ -38,6 +39,7 @@ PASS = ("convert_element_type", "copy", "copy_p", "reduce_precision", "optimizat
 CALLS = ("jit", "pjit", "closed_call", "core_call")
 REMAT = ("remat2", "checkpoint", "remat")
 CUSTOM = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+FLOWS = ("scan", "cond", "while")
 
 
 class Interpreter:
@@ -79,7 +81,17 @@ class Interpreter:
         return jnp.where(keep, x / (1.0 - cur.rate), jnp.zeros_like(x))
 
     # -- the evaluation loop -------------------------------------------------------------
-    def run(self, jaxpr: Any, consts: list, args: list, views: list, adapters: dict) -> list:
+    def run(
+        self,
+        jaxpr: Any,
+        consts: list,
+        args: list,
+        views: list,
+        adapters: dict,
+        boundary: bool = True,
+    ) -> list:
+        """The jaxpr's outputs; a packed kernel among them is unpacked at a `boundary` (a
+        loop body, a branch, the function's result), passed on as it is otherwise."""
         env: dict[Any, Any] = {}
         seen: dict[Any, View] = {}
 
@@ -95,7 +107,7 @@ class Interpreter:
         for eqn in jaxpr.eqns:
             invals = [read(v) for v in eqn.invars]
             inviews = [None if isinstance(v, Literal) else seen.get(v) for v in eqn.invars]
-            if any(inviews):
+            if any(inviews) or any(packed_or_pending(v) for v in invals):
                 outs, outviews = self.adapted_eqn(eqn, invals, inviews, adapters)
             else:
                 with eqn.ctx.manager:
@@ -110,13 +122,27 @@ class Interpreter:
         for v in jaxpr.outvars:
             view = None if isinstance(v, Literal) else seen.get(v)
             val = read(v)
-            results.append(val if view is None else self.merged(val, view, adapters, "output"))
+            if view is not None:
+                val = self.merged(val, view, adapters, "output")
+            elif boundary and packed_or_pending(val):
+                val = unpack(val)
+            results.append(val)
         return results
 
     def merged(self, value: Any, view: View, adapters: dict, why: str) -> Any:
         cur = adapters[view.path]
         self.note(cur, f"merged (used by {why})")
+        value = unpack(value)
         return value + cur.delta(view, value.dtype)
+
+    def bind(self, eqn: Any, invals: list) -> Any:
+        """The equation on these values: a shape equation on a packed kernel keeps it packed
+        (`follow`); any other use unpacks it there, under `jax.checkpoint` (`computed`)."""
+        lazy = follow(eqn, invals)
+        if lazy is not None:
+            return [lazy] if eqn.primitive.multiple_results else lazy
+        params = eqn.primitive.get_bind_params(eqn.params)
+        return computed(lambda *vals: eqn.primitive.bind(*vals, **params), invals)
 
     def bind_merged(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> tuple:
         name = eqn.primitive.name
@@ -124,17 +150,21 @@ class Interpreter:
             v if w is None else self.merged(v, w, adapters, name)
             for v, w in zip(invals, inviews, strict=True)
         ]
-        outs = eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
+        outs = self.bind(eqn, vals)
         outs = outs if eqn.primitive.multiple_results else [outs]
         return outs, [None] * len(outs)
 
     def adapted_eqn(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> tuple:
         name = eqn.primitive.name
         view = inviews[0]
+        if not any(inviews):  # a packed kernel without an adapter
+            if name in CALLS or name in CUSTOM or name in REMAT or name in FLOWS:
+                return self.descend(eqn, invals, inviews, adapters), [None] * len(eqn.outvars)
+            return self.bind_merged(eqn, invals, inviews, adapters)
         if name in PASS and len(invals) == 1:
-            return [eqn.primitive.bind(*invals, **eqn.params)], [view]
+            return [self.bind(eqn, invals)], [view]
         if name == "transpose":
-            out = eqn.primitive.bind(*invals, **eqn.params)
+            out = self.bind(eqn, invals)
             return [out], [View(view.path, tuple(view.axes[p] for p in eqn.params["permutation"]))]
         if name in ("reshape", "squeeze") and len(invals) == 1 and view is not None:
             found = self.reshape(eqn, invals[0], view, adapters)
@@ -155,22 +185,26 @@ class Interpreter:
             out = contraction(eqn, invals, inviews, adapters)
             if out is not None:
                 return [out], [None]
-        flows = {"remat": remat, "scan": scan, "cond": cond, "while": while_loop}
-        flow = flows.get("remat" if name in REMAT else name)
+        if name in CALLS or name in CUSTOM or name in REMAT or name in FLOWS:
+            return self.descend(eqn, invals, inviews, adapters), [None] * len(eqn.outvars)
+        return self.bind_merged(eqn, invals, inviews, adapters)
+
+    def descend(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> list:
+        """A call, a custom-derivative function or control flow, run with the interpreter
+        inside."""
+        name = eqn.primitive.name
         if name in CALLS or name in CUSTOM:
             p = eqn.params
             closed = p.get("jaxpr") or p.get("call_jaxpr") or p["fun_jaxpr"]
-            outs = self.run(closed.jaxpr, closed.consts, invals, inviews, adapters)
+            outs = self.run(closed.jaxpr, closed.consts, invals, inviews, adapters, False)
             if name in CUSTOM:
                 for path in {v.path for v in inviews if v is not None}:
                     self.note(
                         adapters[path], f"inside {name} (differentiated by JAX, not its rule)"
                     )
-        elif flow is not None:
-            outs = flow(self, eqn, invals, inviews, adapters)
-        else:
-            return self.bind_merged(eqn, invals, inviews, adapters)
-        return outs, [None] * len(eqn.outvars)
+            return outs
+        flow = {"remat": remat, "scan": scan, "cond": cond, "while": while_loop}
+        return flow["remat" if name in REMAT else name](self, eqn, invals, inviews, adapters)
 
     # -- views -----------------------------------------------------------------------------
     def reshape(self, eqn: Any, value: Any, view: View, adapters: dict) -> tuple | None:
@@ -187,7 +221,7 @@ class Interpreter:
         (the factors reshaped or cut as the kernel was), axes as `view` numbers them."""
         key = f"{view.path.split('#')[0]}#{len(adapters)}"
         adapters[key] = cur
-        out = eqn.primitive.bind(*invals, **eqn.params)
+        out = self.bind(eqn, invals)
         return [out], [View(key, view.axes)]
 
     # -- contractions --------------------------------------------------------------------
@@ -207,7 +241,7 @@ class Interpreter:
     def added(self, eqn: Any, invals: list, cur: Current, term: Any, how: str) -> Any:
         if term is None:
             return None
-        base = eqn.primitive.bind(*invals, **eqn.params)
+        base = self.bind(eqn, invals)
         self.note(cur, f"factored ({how})")
         return base + term.astype(base.dtype)
 

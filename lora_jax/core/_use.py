@@ -14,6 +14,7 @@ import numpy as np
 
 from lora_jax.core._layout import Layout
 from lora_jax.core._learn import learn
+from lora_jax.core._packed import is_packed
 from lora_jax.core._paths import path_str
 from lora_jax.core._rewrite import Interpreter
 from lora_jax.core._views import Current, View
@@ -44,9 +45,14 @@ def dropout_for(key: Any, rates: Mapping[str, float]) -> tuple | None:
     return jax.random.fold_in(key, REWRITE_STREAM), dict(rates)
 
 
+def _traceable(leaves: list) -> list:
+    """The leaves as the program sees them: a packed kernel as its float shape and dtype."""
+    return [jax.ShapeDtypeStruct(x.shape, x.dtype) if is_packed(x) else x for x in leaves]
+
+
 def trace(fn: Callable[..., Any], leaves: list, dynamic: list) -> tuple[Any, Any]:
     """The closed jaxpr of ``fn(leaves, dynamic)`` and its output tree structure."""
-    closed, shape = jax.make_jaxpr(fn, return_shape=True)(leaves, dynamic)
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(_traceable(leaves), dynamic)
     return closed, jax.tree.structure(shape)
 
 
@@ -100,7 +106,7 @@ def _is_array(x: Any) -> bool:
 def _program(fn: Callable[..., Any], variables: Any, args: tuple, kwargs: Mapping[str, Any]):
     """``(run, leaves, dynamic, names)``: `fn` as a function of the params leaves and the
     array inputs (the rest of `args`/`kwargs` stays Python values), and the leaf paths."""
-    with_paths, tree = jax.tree_util.tree_flatten_with_path(variables)
+    with_paths, tree = jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_packed)
     names = [path_str(kp) for kp, _ in with_paths]
     rest, rest_tree = jax.tree_util.tree_flatten((args, dict(kwargs)))
     dyn_index = [i for i, x in enumerate(rest) if _is_array(x)]
@@ -157,7 +163,7 @@ def kernel_uses(
     """``(layouts, uses)``: `layouts_from_use`, and how many operations (other than casts,
     transposes and control flow) read each float kernel in one trace of the program."""
     run, leaves, dynamic, names = _program(fn, variables, args, kwargs)
-    closed = jax.make_jaxpr(run)(leaves, dynamic)
+    closed = jax.make_jaxpr(run)(_traceable(leaves), dynamic)
     kernels = {}
     for var, path, leaf in zip(closed.jaxpr.invars, names, leaves, strict=False):
         dtype = getattr(leaf, "dtype", None)

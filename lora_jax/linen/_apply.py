@@ -20,6 +20,7 @@ import numpy as np
 from lora_jax.core._abstract import eval_shape
 from lora_jax.core._config import DROPOUT_RNG
 from lora_jax.core._layout import Layout
+from lora_jax.core._packed import has_packed
 from lora_jax.core._paths import flatten
 from lora_jax.core._use import call as rewrite_call
 from lora_jax.core._use import describe, dropout_for, kernel_uses, warn_merged
@@ -76,7 +77,7 @@ def _run(
             return apply_fn(variables_, *args_, **kwargs_)
 
     rest = {p: w for p, w in adapters.items() if p not in factored}
-    if not rest:
+    if not rest and not has_packed(frozen):
         return call_model(variables, *args, **kwargs)
     dropout = rewrite_dropout(kwargs, {p: rates.get(p, 0.0) for p in rest})
     return rewrite_call(call_model, variables, rest, args, kwargs, found, dropout=dropout)
@@ -94,8 +95,8 @@ def _injectable(apply_fn: Any, frozen: Any, adapters: Mapping[str, Any]) -> froz
     other function of a tree that happens to have a ``params`` key goes to the rewrite)."""
     if not isinstance(getattr(apply_fn, "__self__", None), nn.Module):
         return frozenset()
-    if not isinstance(frozen, Mapping):
-        return frozenset()
+    if not isinstance(frozen, Mapping) or has_packed(frozen):
+        return frozenset()  # a packed kernel is unpacked where it is used: the rewrite
     return frozenset(p for p in adapters if p.startswith("params/"))
 
 

@@ -21,6 +21,7 @@ from flax import nnx
 
 from lora_jax.core._abstract import eval_shape
 from lora_jax.core._config import DROPOUT_RNG
+from lora_jax.core._packed import has_packed
 from lora_jax.core._paths import flatten, replace
 from lora_jax.core._use import call as rewrite_call
 from lora_jax.core._use import dropout_for, kernel_uses, warn_merged
@@ -161,12 +162,15 @@ def _run(
     """One call: supported layers factored in place; every other adapter, and any whose
     kernel the program also reads outside its layer, through the contraction rewrite over
     the state's values (factored at each contraction)."""
-    direct = _direct_reads(graphdef, frozen, adapters, method, args, kwargs)
-    model, rest = _with_adapters(graphdef, frozen, adapters, rates, stream, direct)
-    if not rest:
-        return call_method(model, method, args, kwargs)
+    if has_packed(frozen):  # unpacked where used: every adapter goes through the rewrite
+        rest, supported = sorted(adapters), {}
+    else:
+        direct = _direct_reads(graphdef, frozen, adapters, method, args, kwargs)
+        model, rest = _with_adapters(graphdef, frozen, adapters, rates, stream, direct)
+        if not rest:
+            return call_method(model, method, args, kwargs)
+        supported = {p: w for p, w in adapters.items() if p not in rest}
     values = flatten(frozen)
-    supported = {p: w for p, w in adapters.items() if p not in rest}
 
     def program(values_: dict, *args_: Any, **kwargs_: Any) -> Any:
         state = replace(frozen, values_)
