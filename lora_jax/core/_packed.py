@@ -6,7 +6,9 @@ A packed value is any object whose class sets ``lora_jax_packed = True`` and giv
 same storage, unpacked to `dtype`), ``slice_axis(axis, start, size)`` and
 ``squeeze(axes)`` (the stored form cut or squeezed along an axis it is not grouped on, or
 None), and ``scan_parts()`` (``(parts, rebuild)``: arrays with the leading axis first, and
-the function that makes the packed value of one slice of them; or None). The framework
+the function that makes the packed value of one slice of them; or None), ``describe()``
+(how it is stored, as JSON) and ``with_specs(spec)`` (a `PartitionSpec` per stored array
+for a kernel sharded as `spec`). The framework
 code never imports the quantization module: this protocol is the whole contract.
 
 `Pending` is a packed kernel with shape operations queued on it (a transpose, a reshape):

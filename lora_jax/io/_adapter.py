@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from jax.experimental.multihost_utils import sync_global_devices
 
 from lora_jax.core._config import LoraConfig
+from lora_jax.core._packed import is_packed
 from lora_jax.core._paths import flatten, nest
 from lora_jax.core._weights import flatten_lora
 from lora_jax.io._digest import (
@@ -93,7 +94,9 @@ def save_adapter(
             selected); nothing reads it back.
         frozen: optional base the adapters were trained on: a content fingerprint of each
             targeted kernel (a digest of 4096 sampled values) is recorded, so that
-            `load_adapter` onto a base of the same shapes but other weights warns.
+            `load_adapter` onto a base of the same shapes but other weights warns; for a
+            quantized kernel (`lora_jax.quant`), also how it was stored
+            (``base_quantization``: format, group size, grouped axis, double, dtype).
 
     Raises:
         ValueError: `path` exists and `overwrite` is False.
@@ -119,6 +122,8 @@ def save_adapter(
         record["adapters"][p]["digests"] = {n: digest(arrays[f"{p}/{n}"]) for n in "ab"}
         if p in base:
             record["adapters"][p]["base_sample"] = base_sample(base[p])
+            if is_packed(base[p]):  # trained on a quantized base: say how it was stored
+                record["adapters"][p]["base_quantization"] = base[p].describe()
     writer = jax.process_index() == 0
     tmp = dest.with_name(f".{dest.name}.tmp")
     if writer:

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lora_jax.core._packed import unpack
+
 __all__ = [
     "MISSING",
     "SAMPLE",
@@ -170,7 +172,7 @@ def base_sample(kernel: Any) -> str:
     Returns:
         The digest string.
     """
-    flat = jax.numpy.ravel(kernel)
+    flat = jax.numpy.ravel(unpack(kernel))  # a quantized kernel: its float values
     idx = np.linspace(0, flat.size - 1, min(flat.size, SAMPLE)).astype(np.int64)
     return digest(flat[idx].astype(jax.numpy.bfloat16))
 

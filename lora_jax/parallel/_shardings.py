@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lora_jax.core._packed import is_packed
 from lora_jax.core._paths import flatten, path_str
 from lora_jax.core._weights import LoraWeights, flatten_lora
 
@@ -44,11 +45,14 @@ class MeshShardings(NamedTuple):
     replicated: NamedSharding
 
 
-def _fsdp_spec(shape: tuple[int, ...], size: int, axis: str, min_size: int) -> PartitionSpec:
-    """Shards the largest dimension divisible by `size`; small or indivisible leaves stay whole."""
+def _fsdp_spec(
+    shape: tuple[int, ...], size: int, axis: str, min_size: int, keep: tuple[int, ...] = ()
+) -> PartitionSpec:
+    """Shards the largest dimension divisible by `size` (not one of `keep`); small or
+    indivisible leaves stay whole."""
     if int(np.prod(shape)) < min_size:
         return PartitionSpec()
-    candidates = [i for i, d in enumerate(shape) if d % size == 0]
+    candidates = [i for i, d in enumerate(shape) if d % size == 0 and i not in keep]
     if not candidates:
         return PartitionSpec()
     best = max(candidates, key=lambda i: shape[i])
@@ -104,14 +108,21 @@ def mesh_shardings(
     """
     batch_axes = check_axes(mesh, data_axis, fsdp_axis)
     named = lambda spec: NamedSharding(mesh, spec)
-    if fsdp_axis:
-        size = mesh.shape[fsdp_axis]
-        frozen_specs = jax.tree.map(
-            lambda x: _fsdp_spec(tuple(np.shape(x)), size, fsdp_axis, fsdp_min_size), frozen
-        )
-    else:
-        frozen_specs = jax.tree.map(lambda x: PartitionSpec(), frozen)
-    spec_by_path = flatten(frozen_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+    def kernel_spec(x: Any) -> PartitionSpec:
+        if not fsdp_axis:
+            return PartitionSpec()
+        # a quantized kernel is sharded along its float axes, never the grouped one
+        keep = (x.axis,) if is_packed(x) else ()
+        shape = tuple(x.shape) if is_packed(x) else tuple(np.shape(x))
+        return _fsdp_spec(shape, mesh.shape[fsdp_axis], fsdp_axis, fsdp_min_size, keep)
+
+    spec_by_path = {p: kernel_spec(x) for p, x in flatten(frozen).items()}
+    frozen_specs = jax.tree.map(
+        lambda x: x.with_specs(kernel_spec(x)) if is_packed(x) else kernel_spec(x),
+        frozen,
+        is_leaf=is_packed,
+    )
     lora_specs = {}
     for path, w in flatten_lora(lora).items():
         a, b = _adapter_specs(spec_by_path.get(path, PartitionSpec()), w)

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from lora_jax.core._packed import is_packed
 from lora_jax.core._paths import flatten
 from lora_jax.core._weights import check_fits, flatten_lora
 from lora_jax.parallel._placement import (
@@ -133,6 +134,8 @@ def jit() -> Strategy:
 
 def _check_leading(tree: Any, name: str, n: int, hint: str) -> None:
     for path, x in flatten(tree).items():
+        if is_packed(x):  # its stored arrays carry the device axis, not its float shape
+            x = jax.tree.leaves(x)[0]
         lead = np.shape(x)[0] if np.ndim(x) else None
         if lead != n:
             raise ValueError(

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 __all__ = ["KernelOps"]
 
@@ -25,6 +26,11 @@ class KernelOps:
         from lora_jax.quant._kernel import dequantize
 
         return dequantize(self)  # type: ignore[arg-type]
+
+    def describe(self) -> dict[str, Any]:
+        """How the kernel is stored, as JSON (recorded with adapters trained on it)."""
+        keys = ("format", "group_size", "axis", "double", "dtype")
+        return {k: getattr(self, k) for k in keys}
 
     def single(self) -> Any:
         """The same kernel with float32 scales (double quantization undone for the
@@ -87,3 +93,20 @@ class KernelOps:
             )
 
         return (q.codes, q.scales), rebuild
+
+    def with_specs(self, spec: PartitionSpec) -> Any:
+        """The kernel with a `PartitionSpec` for each stored array, sharded as `spec`
+        shards the float kernel: codes and scales alike along every axis but the grouped
+        one (replicated there), the small arrays of double quantization replicated."""
+        full = [*tuple(spec), *([None] * (len(self.shape) - len(spec)))]  # type: ignore[attr-defined]
+        full[self.axis] = None  # type: ignore[attr-defined]
+        kernel, whole = PartitionSpec(*full), PartitionSpec()
+        some = lambda x, s: None if x is None else s
+        return dataclasses.replace(
+            self,  # type: ignore[type-var]
+            codes=kernel,
+            scales=some(self.scales, kernel),  # type: ignore[attr-defined]
+            scale_codes=some(self.scale_codes, whole),  # type: ignore[attr-defined]
+            scale_scales=some(self.scale_scales, whole),  # type: ignore[attr-defined]
+            scale_offset=some(self.scale_offset, whole),  # type: ignore[attr-defined]
+        )
