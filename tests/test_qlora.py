@@ -234,3 +234,13 @@ def test_an_adapter_records_its_quantized_base(tmp_path):
     _close(back, lora, 0.0)
     with pytest.warns(UserWarning, match="base's values differ"):
         lj.load_adapter(tmp_path / "a", frozen=variables)
+
+
+def test_summary_counts_a_quantized_base_by_what_it_stores():
+    model, x = Mlp(hidden=32, out=8), jnp.ones((2, 16))
+    variables = model.init(jax.random.key(0), x)
+    q = lj.quant.quantize(variables, "nf4", group_size=16)
+    frozen, lora = lj.split(q, lj.LoraConfig(rank=2, targets=".*kernel"), key=jax.random.key(1))
+    s = lj.summary(frozen, lora)
+    assert s.total == sum(x.size for x in jax.tree.leaves(variables))  # float parameters
+    assert s.base_bytes == lj.quant.nbytes(q) < lj.quant.nbytes(variables)

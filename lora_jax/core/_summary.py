@@ -7,6 +7,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import numpy as np
+
+from lora_jax.core._packed import is_packed
 from lora_jax.core._paths import flatten
 from lora_jax.core._weights import flatten_lora, kernel_shape
 
@@ -14,7 +18,10 @@ __all__ = ["Summary", "summary"]
 
 
 def _nbytes(x: Any) -> int:
-    return math.prod(x.shape) * x.dtype.itemsize
+    """Bytes an array takes; a packed (quantized) kernel, the bytes of what it stores."""
+    if is_packed(x):
+        return sum(_nbytes(y) for y in jax.tree.leaves(x))
+    return math.prod(x.shape) * np.dtype(x.dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
