@@ -40,12 +40,22 @@ def test_benchmark_smoke_prints_every_row():
         "adapter size on disk / raw A/B bytes",
         "training-state step",
         "steps/s on 4 simulated CPU devices / 1 device",
+        "base bytes, int8 / float32, whole base",
+        "base bytes, int8 / float32, quantized kernels only",
+        "base bytes, int4 g64 / float32, whole base",
+        "base bytes, nf4 g64 / float32, whole base",
+        "base bytes, nf4 g64 / float32, quantized kernels only",
+        "QLoRA nf4 all-linear step / float LoRA all-linear step",
+        "peak memory (process), QLoRA nf4 all-linear run / float LoRA all-linear run",
+        "eval loss after the demo's fine-tune (tiny stand-in), nf4 base / float base",
     ):
         assert re.search(rf"^\| {re.escape(row)}.*\| [+-]?[0-9.]+ \(?", table, re.M), row
     assert "| full fine-tune | " in table and "| 1.00 (1.00-1.00) |" in table
     assert "| custom-style full fine-tune | " in table and "| MoE full fine-tune | " in table
     assert "<= 0.65" in table and "<= 0.7" in table and "<= 1.02" in table
     assert "<= 0.72" in table and "<= +0.03" in table
+    assert "<= 0.27" in table and "<= 0.16" in table and "<= 1.5" in table
+    assert "<= 1.03" in table and "| QLoRA nf4 all-linear | " in table
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -181,3 +191,18 @@ def test_memory_child_reports_a_peak_above_its_baseline():
 def test_a_failing_child_is_an_error_with_its_output():
     with pytest.raises(RuntimeError, match=r"benchmark child memory .* failed \(exit"):
         processes.child("memory", "--preset", "tiny", "--variant", "nonsense")
+
+
+def test_qlora_memory_child_builds_its_base_quantized():
+    """The QLoRA memory process trains on a base built kernel by kernel: its kernels are
+    nf4 (never a whole float base), its adapters the all-linear ones of the float run."""
+    from train.bench.qlora import streamed_quantized_init
+
+    cfg = PRESETS["tiny"]
+    model, ids = GPT(cfg), jnp.zeros((cfg.batch, cfg.seq), jnp.int32)
+    variables, layouts = streamed_quantized_init(model, ids, "nf4")
+    leaves = jax.tree.leaves(variables, is_leaf=lj.quant.is_quantized)
+    assert sum(lj.quant.is_quantized(x) for x in leaves) == 6 * cfg.layers + 1  # + lm_head
+    assert "params/embed/embedding" in layouts
+    result = child.memory("tiny", "qlora-nf4", steps=1)
+    assert result["trainable"] == child.memory("tiny", "lora-all-linear", steps=1)["trainable"]

@@ -340,7 +340,8 @@ FLAGS_OF = {
     | {"--scan-layers", "--resume"}
     | {"--accum-steps", "--save-every", "--keep", "--compare-full", "--full-lr"}
     | {"--rank", "--alpha", "--targets", "--dropout", "--rslora"}
-    | {"--strategy", "--devices", "--coordinator", "--num-processes", "--process-id"},
+    | {"--strategy", "--devices", "--coordinator", "--num-processes", "--process-id"}
+    | {"--quantize", "--quantize-group"},
     "pretrain": EVERY | DATA | TRAINING,
     "eval": EVERY | DATA | FROM_RUN,
     "sample": EVERY | SAMPLING | FROM_RUN,

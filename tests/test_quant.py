@@ -440,6 +440,38 @@ def test_targets_regex_callable_and_exclude():
     assert not lj.quant.is_quantized(q["params"]["head"]["kernel"])
 
 
+def test_a_partly_quantized_tree_gets_the_rest_quantized():
+    """Default selection skips kernels already quantized (as `lj.quant.loftq` leaves the
+    unadapted ones float) and quantizes the float ones; a pattern naming a quantized kernel
+    is an error, and a tree with no float kernel left is refused."""
+    params = _params()
+    part = quantize(params, "int8", targets=r".*/dense/kernel")
+    done = part["params"]["dense"]["kernel"]
+    for layouts in (
+        None,
+        {
+            "params/dense/kernel": lj.Layout("dense", (0,), (1,)),
+            "params/head/kernel": lj.Layout("dense", (0,), (1,)),
+        },
+    ):
+        full = quantize(part, "nf4", group_size=32, layouts=layouts)
+        assert full["params"]["dense"]["kernel"] is done  # left as it was: int8, not nf4
+        head = full["params"]["head"]["kernel"]
+        assert lj.quant.is_quantized(head) and head.format == "nf4"
+        check_against_ref(params["params"]["head"]["kernel"], head, "nf4", 0, 32)
+        assert full["params"]["dense"]["bias"] is params["params"]["dense"]["bias"]
+    with pytest.raises(ValueError, match=r"already quantized.*'params/dense/kernel'"):
+        quantize(full)
+    with pytest.raises(
+        ValueError,
+        match=r"`targets` pattern '\.\*/kernel' selects 'params/dense/kernel', "
+        r"which is already quantized",
+    ):
+        quantize(part, "nf4", group_size=32, targets=".*/kernel")
+    with pytest.raises(ValueError, match=r"selects 'params/dense/kernel', which is already"):
+        quantize(part, "nf4", group_size=32, targets=lambda path, leaf: "dense/kernel" in path)
+
+
 def test_frozen_dict_and_nnx_state():
     frozen = freeze(_params())
     q = quantize(frozen, "nf4", group_size=32)

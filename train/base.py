@@ -20,15 +20,47 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from train.models import LlamaConfig, from_hf_state, to_hf_state
+import lora_jax as lj
+from train.models import Llama, LlamaConfig, from_hf_state, to_hf_state
 from train.models.hf import from_pretrained
 from train.settings import UserError
 from train.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["BASE_FILE", "Base", "builtin_folder", "cast", "load_base", "save_base"]
+__all__ = [
+    "BASE_FILE",
+    "Base",
+    "QuantInfo",
+    "builtin_folder",
+    "cast",
+    "layouts_of",
+    "load_base",
+    "save_base",
+]
 
 BASE_FILE = "base.json"
 FORMAT = "lora_jax-train-base/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantInfo:
+    """How a base was quantized (``--quantize``; `train.quantized.quantize_base`).
+
+    Attributes:
+        format: ``"int8"``, ``"int4"`` or ``"nf4"``.
+        group_size: weights per scale (4-bit formats).
+        float_bytes: the float base's bytes (every array).
+        quantized_bytes: the quantized base's bytes (codes and scales of the quantized
+            kernels, plus the float rest: embeddings, norms).
+        cached: read from the cache (True) or quantized by this run (False).
+        folder: the cache folder.
+    """
+
+    format: str
+    group_size: int
+    float_bytes: int
+    quantized_bytes: int
+    cached: bool
+    folder: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +73,7 @@ class Base:
         tokenizer: its tokenizer.
         source: where it came from (a folder), for messages and metadata.
         info: what its folder says about how it was made (may be empty).
+        quant: how its kernels were quantized; None for a float base.
     """
 
     config: LlamaConfig
@@ -48,6 +81,7 @@ class Base:
     tokenizer: Tokenizer
     source: str
     info: dict[str, Any]
+    quant: QuantInfo | None = None
 
 
 def cast(variables: Any, dtype: str) -> Any:
@@ -125,6 +159,13 @@ def _load_ours(folder: pathlib.Path, dtype: str) -> tuple[LlamaConfig, Any, str,
     except Exception as err:
         raise UserError(f"cannot read the weights in {folder / 'params'}: {err}") from None
     return config, cast(variables, dtype), record["tokenizer"], record.get("info", {})
+
+
+def layouts_of(config: LlamaConfig, variables: Any, seq_len: int) -> Any:
+    """``{path: lj.Layout}`` of every kernel a contraction of the model uses (what
+    `lj.split` and `lj.quant.quantize` take), read from an abstract call."""
+    ids = jax.ShapeDtypeStruct((1, min(seq_len, 8)), jnp.int32)
+    return lj.infer_layouts(Llama(config).apply, variables, ids)
 
 
 def builtin_folder(cache_dir: str | os.PathLike, recipe: dict[str, Any]) -> pathlib.Path:

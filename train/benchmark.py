@@ -26,6 +26,11 @@ Rows (targets on a CPU in brackets):
 - Adapter save and restore time, size on disk / raw A/B bytes.
 - Steps/s on 2 and 4 simulated CPU devices / 1 (a sanity check only: simulated devices
   share the same cores).
+- QLoRA (`train.bench.qlora`): base bytes int8 / float32 [<= 0.27] and int4, nf4 / float32
+  [<= 0.16] (scales included), for the whole base (embedding and norms float) and for the
+  quantized kernels alone; peak memory of a QLoRA nf4 run / a float LoRA run; QLoRA nf4
+  step / float LoRA step [<= 1.5, CPU]; the demo's fine-tune on an nf4 base / on the float
+  base, eval loss [<= 1.03].
 
 Usage::
 
@@ -33,6 +38,7 @@ Usage::
     python -m train.benchmark --preset tiny   # a smoke run (seconds)
     python -m train.benchmark --part serving  # only the serving rows
     python -m train.benchmark --part moe      # only the mixture-of-experts rows
+    python -m train.benchmark --part qlora    # only the QLoRA rows (runs the demo twice)
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from typing import Any
 
 import jax
 
-from train.bench import files, processes
+from train.bench import files, processes, qlora
 from train.bench.models import GPT, PRESETS, RANK, GPTConfig
 from train.bench.moe import EXPERTS, TOP_K, moe_runners
 from train.bench.serving import SERVING_ADAPTERS, serving_runners
@@ -64,7 +70,7 @@ from train.bench.steps import (
     paired_gap,
 )
 
-PARTS = ("train", "moe", "serving", "files", "memory", "scaling")
+PARTS = ("train", "moe", "serving", "files", "memory", "scaling", "qlora")
 TARGETS = {
     "lora q/v": 0.65,
     "lora all-linear": 0.75,
@@ -73,6 +79,10 @@ TARGETS = {
     "memory q/v": 0.70,
     "merged forward": 1.02,
     "mixed": 1.2,
+    "qlora int8 bytes": 0.27,
+    "qlora 4-bit bytes": 0.16,
+    "qlora step": 1.5,
+    "qlora quality": 1.03,
 }
 
 
@@ -227,6 +237,71 @@ def state_rows(f: dict[str, float]) -> list[str]:
     return rows
 
 
+def qlora_bytes_rows(b: dict[str, dict[str, int]]) -> list[str]:
+    """Quantized / float32 bytes of the base: whole (what the issue's target is about) and
+    the quantized kernels alone (the embedding, kept float, weighs on the whole)."""
+    whole = b["float32"]["whole"]
+    rows = []
+    for variant, v in b.items():
+        if variant == "float32":
+            continue
+        key = (
+            ""
+            if "double" in variant
+            else ("qlora int8 bytes" if variant == "int8" else "qlora 4-bit bytes")
+        )
+        shown = variant.replace("double", "+ double quantization")
+        group = "" if variant == "int8" else f" g{qlora.GROUP}"
+        ratio = v["whole"] / whole
+        rows.append(
+            f"| base bytes, {shown}{group} / float32, whole base (embedding, norms float) "
+            f"| {_mib(v['whole'])} | {_mib(whole)} | {ratio:.3f} | {_verdict(ratio, key)} |"
+        )
+        kr = v["kernels"] / v["kernels_float"]
+        rows.append(
+            f"| base bytes, {shown}{group} / float32, quantized kernels only "
+            f"| {_mib(v['kernels'])} | {_mib(v['kernels_float'])} | {kr:.3f} "
+            f"| {_verdict(kr, key)} |"
+        )
+    return rows
+
+
+def qlora_memory_rows(mem: dict[str, dict[str, Any]]) -> list[str]:
+    q, f = mem["qlora-nf4"], mem["lora-all-linear"]
+    above = lambda m: m["peak_bytes"] - m["baseline_bytes"]
+    growth = f"{above(q) / above(f):.2f}" if above(f) > 0 else "n/a"
+    return [
+        f"| peak memory (process), QLoRA nf4 all-linear run / float LoRA all-linear run "
+        f"| {_mib(q['peak_bytes'])} | {_mib(f['peak_bytes'])} "
+        f"| {q['peak_bytes'] / f['peak_bytes']:.2f} |  |",
+        f"| peak memory above the after-import baseline, QLoRA nf4 / float LoRA "
+        f"| {_mib(above(q))} | {_mib(above(f))} | {growth} |  |",
+    ]
+
+
+def qlora_step_rows(runners: dict[str, Runner]) -> list[str]:
+    return [
+        _ratio_row(
+            "QLoRA nf4 all-linear step / float LoRA all-linear step",
+            runners["qlora"],
+            runners["lora"],
+            1,
+            "qlora step",
+        )
+    ]
+
+
+def qlora_quality_rows(q: dict[str, Any]) -> list[str]:
+    ratio = q["nf4"] / q["float"]
+    base = q["nf4_base"] / q["float_base"]
+    return [
+        f"| eval loss after the demo's fine-tune ({q['settings']}), nf4 base / float base "
+        f"| {q['nf4']:.4f} | {q['float']:.4f} | {ratio:.4f} | {_verdict(ratio, 'qlora quality')} |",
+        f"| eval loss of the base before fine-tuning, nf4 / float32 | {q['nf4_base']:.4f} "
+        f"| {q['float_base']:.4f} | {base:.4f} |  |",
+    ]
+
+
 def scaling_rows(steps_per_s: dict[int, float]) -> list[str]:
     one = steps_per_s[1]
     return [
@@ -253,6 +328,23 @@ def step_table(runners: dict[str, Runner]) -> str:
             f"| {r.name} | {med:.3f} | {ratio:.2f} ({low:.2f}-{high:.2f}) "
             f"| {max(r.compile_s - med, 0):.1f} | {r.trainable:,} | {_mib(r.trainable_bytes)} "
             f"| {_mib(r.opt_bytes)} |"
+        )
+    return "\n".join(lines)
+
+
+def qlora_step_table(runners: dict[str, Runner]) -> str:
+    """QLoRA's step against float LoRA's (same adapters)."""
+    ref = runners["lora"]
+    lines = [
+        "| variant | median step (s) | ratio to float LoRA (range) | compile (s) |",
+        "|---|---|---|---|",
+    ]
+    for r in runners.values():
+        med = statistics.median(r.times)
+        ratio, low, high = paired(r, ref)
+        lines.append(
+            f"| {r.name} | {med:.3f} | {ratio:.2f} ({low:.2f}-{high:.2f}) "
+            f"| {max(r.compile_s - med, 0):.1f} |"
         )
     return "\n".join(lines)
 
@@ -330,6 +422,18 @@ def main(argv: list[str] | None = None) -> str:
     if "scaling" in parts:
         print("  scaling: one process per device count", flush=True)
         rows += scaling_rows(processes.scaling(args.preset, max(args.rounds, 2)))
+    if "qlora" in parts:
+        rows += qlora_bytes_rows(qlora.base_bytes(model, variables, ids))
+        q_runners = qlora.step_runners(model, variables, ids)
+        measure(list(q_runners.values()), args.rounds)
+        rows += qlora_step_rows(q_runners)
+        details.append("QLoRA training steps:\n\n" + qlora_step_table(q_runners))
+        del q_runners
+        print("  qlora memory: one process per variant", flush=True)
+        mem = processes.peak_memory(args.preset, variants=processes.QLORA_MEMORY_VARIANTS)
+        rows += qlora_memory_rows(mem)
+        print("  qlora quality: the demo's fine-tune, float and nf4 base", flush=True)
+        rows += qlora_quality_rows(qlora.demo_quality(args.preset))
     head = (
         f"Model: {cfg.layers} layers, d_model {cfg.d_model}, {cfg.heads} heads, vocab "
         f"{cfg.vocab}, seq {cfg.seq}, batch {cfg.batch}, float32, adamw, rank {RANK}; "

@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 from train.settings import (
     COMMANDS,
     DTYPES,
+    QUANTIZE,
     STRATEGIES,
     Settings,
     UserError,
@@ -63,6 +64,7 @@ examples:
   python -m train sample --run-dir runs/finetune --prompt "def parse(" --temperature 0.8
   python -m train export --run-dir runs/finetune --peft-out runs/peft   # PEFT loads it
   python -m train finetune --strategy mesh --devices 4   # 4 simulated CPU devices
+  python -m train finetune --quantize nf4               # QLoRA: adapters on a 4-bit base
 """
 
 # Which commands read a setting.
@@ -172,6 +174,11 @@ FLAGS = (
          recorded=True),
     Flag("dropout", FINETUNE, "LoRA", "LoRA dropout on the adapter input", recorded=True),
     Flag("rslora", FINETUNE, "LoRA", "scale by alpha / sqrt(r)", recorded=True),
+    Flag("quantize", FINETUNE, "LoRA", "store the frozen base quantized (QLoRA): int8 per "
+         "output channel, or int4 / nf4 in groups; embeddings and norms stay float",
+         choices=QUANTIZE, recorded=True),
+    Flag("quantize_group", FINETUNE, "LoRA", "weights per scale of int4 / nf4 along each "
+         "kernel's input axis (must divide it)", recorded=True),
     Flag("strategy", FINETUNE, "devices and processes",
          "jit (one device), pmap or mesh (data parallel)", choices=STRATEGIES),
     Flag("devices", FINETUNE, "devices and processes",

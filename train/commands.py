@@ -34,6 +34,7 @@ from train.models import PRESETS, Llama, init_cache
 from train.models.export import export_merged
 from train.models.peft_map import module_map
 from train.placement import make_strategy
+from train.quantized import quantize_base
 from train.report import PLOT_FILE, Reporter, plot_losses, read_metrics
 from train.sampling import generate
 from train.settings import COMMAND_DEFAULTS, Settings, UserError
@@ -55,8 +56,14 @@ def builtin_recipe() -> dict[str, Any]:
     return {"model": PRESETS["tiny"].to_dict(), "seed": 0, **recipe}
 
 
-def ensure_base(s: Settings, out: TextIO) -> Base:
-    """Loads the run's base, pretraining and caching the built-in one the first time."""
+def ensure_base(s: Settings, out: TextIO, *, quantize: bool = True) -> Base:
+    """Loads the run's base, pretraining and caching the built-in one the first time, and
+    quantizes it as ``--quantize`` asks (cached too), unless `quantize` is False."""
+    base = _float_base(s, out)
+    return quantize_base(s, base, out) if quantize else base
+
+
+def _float_base(s: Settings, out: TextIO) -> Base:
     if s.base != "tiny":
         return load_base(s.base, dtype=s.dtype, tokenizer=s.tokenizer, scan_layers=s.scan_layers)
     recipe = builtin_recipe()
@@ -164,15 +171,17 @@ def _sample_pair(s: Settings, base: Base, frozen: Any, lora: Any) -> dict[str, s
     def plain(params: Any, ids: jax.Array, c: Any) -> Any:
         return model.apply(params, ids, cache=c)
 
-    base_ids = generate(plain, base.variables, prompt, cache(), **kwargs)[0]
+    fwd = _LoraForward(lj.lora_apply(model.apply, deterministic=True))
+    if base.quant is None:
+        base_ids = generate(plain, base.variables, prompt, cache(), **kwargs)[0]
+    else:  # a quantized base runs through the library (no adapters): unpacked where used
+        base_ids = generate(fwd, (base.variables, None), prompt, cache(), **kwargs)[0]
     out = {"base": base.tokenizer.decode(base_ids)}
     if lora is not None:
-        if s.merged:
-            merged = lj.merge(frozen, lora)
+        if s.merged:  # a quantized kernel merges as its float value; unadapted ones unpack
+            merged = lj.quant.dequantize_tree(lj.merge(frozen, lora))
             ids = generate(plain, merged, prompt, cache(), **kwargs)[0]
         else:
-            apply = lj.lora_apply(model.apply, deterministic=True)
-            fwd = _LoraForward(apply)
             ids = generate(fwd, (frozen, lora), prompt, cache(), **kwargs)[0]
         out["adapted"] = base.tokenizer.decode(ids)
     return out
@@ -201,7 +210,8 @@ def _load_adapter(s: Settings, base: Base) -> tuple[Any, Any]:
         elif not s.adapter and checkpoints.is_dir() and any(checkpoints.iterdir()):
             with lj.CheckpointManager(checkpoints, read_only=True) as mgr:
                 target = new_state(s, base)[1]
-                state, _ = mgr.restore(target, frozen=base.variables, strict=True)
+                frozen = base.variables
+                state, _ = mgr.restore(target, frozen=frozen, strict=True)
             lora = state.lora
         else:
             raise UserError(
@@ -228,19 +238,29 @@ def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
     """``python -m train finetune`` (the default): LoRA on the base, then a report."""
     t_start = time.perf_counter()
     strategy = make_strategy(s)
-    base = ensure_base(s, out)
+    float_base = ensure_base(s, out, quantize=False)
+    base = quantize_base(s, float_base, out)  # a bad --quantize-group fails now
     corpora.check_seq_len(s, base)
     _sample_shape(s, base)  # a bad sampling setting fails now, not after training
     train_set, eval_set = corpora.load_splits(s, base.tokenizer)
     evals = corpora.eval_sets(s, eval_set)
-    model = Llama(base.config)
-    base_loss = eval_loss(make_eval_fn(model.apply), base.variables, evals)
+    report: dict[str, Any] = {
+        "base_eval_loss": eval_loss(base_eval_fn(base), base.variables, evals)
+    }
+    report.update(_bytes_report(base, float_base))
+    if base.quant is not None:
+        fn = base_eval_fn(float_base)
+        report["float_base_eval_loss"] = eval_loss(fn, float_base.variables, evals)
+    del float_base  # a quantized run keeps only the quantized base
     main = jax.process_index() == 0
     result = run_lora(s, base, train_set, evals, strategy, out if main else None)
-    report: dict[str, Any] = {"base_eval_loss": base_loss, **_lora_report(result)}
+    report.update(_lora_report(result))
+    base_loss = report["base_eval_loss"]
     run_dir = pathlib.Path(s.run_dir).absolute()
     # Every process calls it (a collective under jax.distributed); process 0 writes.
-    lj.save_adapter(run_dir / ADAPTER, result.lora, overwrite=True, frozen=base.variables)
+    frozen = base.variables
+    lj.save_adapter(run_dir / ADAPTER, result.lora, overwrite=True, frozen=frozen)
+    del frozen
     report["adapter_bytes_on_disk"] = _folder_bytes(run_dir / ADAPTER)
     if s.compare_full:
         with Reporter(
@@ -248,7 +268,7 @@ def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
         ) as rep:
             full = train_full(
                 base.config,
-                base.variables,
+                lj.quant.dequantize_tree(base.variables),  # a quantized base: its float twin
                 corpora.batches(s, train_set),
                 evals,
                 steps=s.steps,
@@ -284,6 +304,55 @@ def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
     return report
 
 
+def base_eval_fn(base: Base) -> Any:
+    """``fn(variables, ids) -> logits`` of the base alone (eval): a quantized base runs
+    through `lj.lora_apply` with no adapters, which unpacks each kernel where it is used."""
+    model = Llama(base.config)
+    if base.quant is None:
+        return make_eval_fn(model.apply)
+    apply = lj.lora_apply(model.apply, deterministic=True)
+    return make_eval_fn(_NoAdapter(apply))
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoAdapter:
+    apply: Any
+
+    def __call__(self, variables: Any, ids: jax.Array) -> Any:
+        return self.apply(variables, None, ids)
+
+
+def _bytes_report(base: Base, float_base: Base) -> dict[str, Any]:
+    """The base's bytes, float and (with ``--quantize``) quantized."""
+    if base.quant is None:
+        return {"base_bytes": lj.quant.nbytes(float_base.variables)}
+    q = base.quant
+    return {
+        "base_bytes": q.float_bytes,
+        "base_bytes_quantized": q.quantized_bytes,
+        "base_quantized": q.format,
+        "base_quantize_group": q.group_size,
+        "base_quantized_cached": q.cached,
+        "base_quantized_folder": q.folder,
+    }
+
+
+def _bytes_line(s: Settings, r: dict[str, Any]) -> str:
+    """``base: 1.23 MiB float32 -> 0.21 MiB nf4 (0.17), ...``"""
+    mib = lambda n: f"{n / 2**20:,.2f} MiB"
+    line = f"base: {mib(r['base_bytes'])} {s.dtype}"
+    if "base_bytes_quantized" in r:
+        fmt = r["base_quantized"] + (
+            f" g{r['base_quantize_group']}" if r["base_quantized"] != "int8" else ""
+        )
+        line += (
+            f" -> {mib(r['base_bytes_quantized'])} {fmt} "
+            f"({r['base_bytes_quantized'] / r['base_bytes']:.2f}), "
+            + ("read from the cache" if r["base_quantized_cached"] else "quantized and cached")
+        )
+    return line
+
+
 def _lora_report(r: LoraResult) -> dict[str, Any]:
     return {
         "lora_eval_loss": r.eval_loss,
@@ -310,6 +379,11 @@ def _adapter_line(r: dict[str, Any]) -> str:
 
 def _format_report(s: Settings, base: Base, r: dict[str, Any], run_dir: pathlib.Path) -> str:
     loss = f"base {r['base_eval_loss']:.3f} -> LoRA {r['lora_eval_loss']:.3f}"
+    if r.get("float_base_eval_loss") is not None:
+        loss = (
+            f"base {r['float_base_eval_loss']:.3f}, {r['base_quantized']} base "
+            f"{r['base_eval_loss']:.3f} -> QLoRA {r['lora_eval_loss']:.3f}"
+        )
     if r.get("full_eval_loss") is not None:
         loss += f" (full fine-tune {r['full_eval_loss']:.3f})"
     speed = f"LoRA {r['tokens_per_s'] or 0:,.0f}"
@@ -319,6 +393,7 @@ def _format_report(s: Settings, base: Base, r: dict[str, Any], run_dir: pathlib.
         "",
         f"Run folder        {run_dir}  (metrics.jsonl, loss.png, {ADAPTER}/, summary.json)",
         f"Base              {base.source}",
+        f"Size              {_bytes_line(s, r)}",
         f"Eval loss         {loss}  (nats/token on held-out {', '.join(s.eval_data or s.data)})",
         f"Trainable         {r['trainable_params']:,} of {r['base_params']:,} parameters "
         f"({100 * r['trainable_share']:.2f}%), rank {s.rank} on {s.targets}",
@@ -339,8 +414,9 @@ def evaluate(s: Settings, out: TextIO) -> dict[str, Any]:
     _, eval_set = corpora.load_splits(s, base.tokenizer)
     evals = corpora.eval_sets(s, eval_set)
     model = Llama(base.config)
-    result = {"base_eval_loss": eval_loss(make_eval_fn(model.apply), base.variables, evals)}
-    line = f"eval loss: base {result['base_eval_loss']:.4f}"
+    result = {"base_eval_loss": eval_loss(base_eval_fn(base), base.variables, evals)}
+    what = "" if base.quant is None else f" ({base.quant.format})"
+    line = f"eval loss: base{what} {result['base_eval_loss']:.4f}"
     if _has_adapter(s):
         frozen, lora = _load_adapter(s, base)
         fn = make_eval_fn(lora_logits_fn(model))
@@ -383,7 +459,8 @@ def export(s: Settings, out: TextIO) -> dict[str, Any]:
         )
         written["PEFT adapter"] = s.out_peft
     if s.out_merged:
-        export_merged(s.out_merged, base.config, frozen, lora)
+        # A quantized base is merged as its float value (what the adapter was trained on).
+        export_merged(s.out_merged, base.config, lj.quant.dequantize_tree(frozen), lora)
         corpora.copy_tokenizer_files(base, pathlib.Path(s.out_merged))
         written["merged weights"] = s.out_merged
     for kind, path in written.items():

@@ -14,11 +14,10 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
-from train.base import Base
+from train.base import Base, layouts_of
 from train.data import make_loader
 from train.evaluation import eval_loss, make_eval_fn
 from train.losses import make_optimizer, schedule, token_nll
@@ -33,7 +32,20 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 RUN_FILE = "run.json"
 # Settings that must not change when a run is resumed (steps may grow).
-_RESUME_FIXED = ("base", "data", "seq_len", "batch_size", "seed", "rank", "alpha", "targets")
+_RESUME_FIXED = (
+    "base",
+    "data",
+    "seq_len",
+    "batch_size",
+    "seed",
+    "rank",
+    "alpha",
+    "targets",
+    "quantize",
+    "quantize_group",
+)
+# What a run recorded before a setting existed ran with its default.
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
 
 
 @dataclasses.dataclass
@@ -83,7 +95,7 @@ def new_state(s: Settings, base: Base) -> tuple[tuple[Any, Any], lj.TrainState, 
     """``((frozen, lora), state, optimizer)`` of a fresh run (also the restore target)."""
     config = lora_config(s)
     key_split, key_state = jax.random.split(jax.random.key(s.seed))
-    layouts = _layouts(Llama(base.config), base.variables, s.seq_len)
+    layouts = layouts_of(base.config, base.variables, s.seq_len)
     frozen, lora = lj.split(base.variables, config, key=key_split, layouts=layouts)
     optimizer = make_optimizer(
         schedule(s.lr, steps=s.steps, warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio),
@@ -99,9 +111,9 @@ def _check_resume(run_dir: pathlib.Path, s: Settings) -> None:
         return
     before = json.loads(path.read_text())
     changed = [
-        f"{k}: {before.get(k)!r} then, {_jsonable(getattr(s, k))!r} now"
+        f"{k}: {before.get(k, _DEFAULTS[k])!r} then, {_jsonable(getattr(s, k))!r} now"
         for k in _RESUME_FIXED
-        if before.get(k) != _jsonable(getattr(s, k))
+        if before.get(k, _DEFAULTS[k]) != _jsonable(getattr(s, k))
     ]
     if changed:
         raise UserError(
@@ -118,11 +130,6 @@ def write_run_file(run_dir: pathlib.Path, s: Settings) -> None:
     """Records the settings of a run in ``run.json`` (read back by eval/sample/export)."""
     record = {k: _jsonable(v) for k, v in dataclasses.asdict(s).items()}
     (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _layouts(model: Llama, variables: Any, seq_len: int) -> Any:
-    ids = jax.ShapeDtypeStruct((1, min(seq_len, 8)), jnp.int32)
-    return lj.infer_layouts(model.apply, variables, ids)
 
 
 def run_lora(

@@ -16,11 +16,20 @@ import pathlib
 from collections.abc import Collection, Mapping
 from typing import Any
 
-__all__ = ["COMMANDS", "Settings", "UserError", "default_cache_dir", "read_config_file", "resolve"]
+__all__ = [
+    "COMMANDS",
+    "QUANTIZE",
+    "Settings",
+    "UserError",
+    "default_cache_dir",
+    "read_config_file",
+    "resolve",
+]
 
 COMMANDS = ("finetune", "pretrain", "eval", "sample", "export")
 STRATEGIES = ("jit", "pmap", "mesh")
 DTYPES = ("float32", "bfloat16")
+QUANTIZE = ("none", "int8", "int4", "nf4")
 
 
 class UserError(ValueError):
@@ -75,6 +84,9 @@ class Settings:
     targets: str = "all-linear"
     dropout: float = 0.0
     rslora: bool = False
+    # QLoRA: the frozen base stored quantized ("none": float).
+    quantize: str = "none"
+    quantize_group: int = 64
     # Evaluation, logging, checkpoints.
     eval_every: int = 50
     eval_batches: int = 16
@@ -136,6 +148,7 @@ _POSITIVE = (
     "accum_steps",
     "num_processes",
     "max_new_tokens",
+    "quantize_group",
 )
 
 
@@ -155,6 +168,8 @@ def _check(s: Settings) -> None:
         raise bad("strategy", f"one of {', '.join(STRATEGIES)}")
     if s.dtype not in DTYPES:
         raise bad("dtype", f"one of {', '.join(DTYPES)}")
+    if s.quantize not in QUANTIZE:
+        raise bad("quantize", f"one of {', '.join(QUANTIZE)}")
     if not 0 <= s.dropout < 1:
         raise bad("dropout", "in [0, 1)")
     if not 0 <= s.min_lr_ratio <= 1:

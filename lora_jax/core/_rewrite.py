@@ -142,7 +142,8 @@ class Interpreter:
         if lazy is not None:
             return [lazy] if eqn.primitive.multiple_results else lazy
         params = eqn.primitive.get_bind_params(eqn.params)
-        return computed(lambda *vals: eqn.primitive.bind(*vals, **params), invals)
+        bind = lambda *vals: eqn.primitive.bind(*vals, **params)
+        return computed(bind, invals, eqn.primitive.name)
 
     def bind_merged(self, eqn: Any, invals: list, inviews: list, adapters: dict) -> tuple:
         name = eqn.primitive.name

@@ -16,9 +16,14 @@ from lora_jax.core._config import (
 )
 from lora_jax.core._init import check_key, init_factors, path_key
 from lora_jax.core._layout import Layout, matrix_layout
+from lora_jax.core._packed import is_packed
 from lora_jax.core._paths import close_matches, flatten, nest, replace
 
-__all__ = ["split", "select_targets"]
+__all__ = ["split", "select_targets"]  # and BASE_KEEPING_INITS for lora_jax.quant
+
+# The inits whose adapter starts at B = 0 on the base as it is (`init_factors` returns no
+# residual for them); every other init (PiSSA) rewrites the base kernel.
+BASE_KEEPING_INITS = ("normal", "kaiming_uniform", "gaussian")
 
 
 def _kind(layouts: Mapping[str, Layout] | None, path: str) -> str:
@@ -167,8 +172,9 @@ def split(
     Raises:
         ValueError: a pattern (`targets`, `exclude`, a `rank_pattern`/`alpha_pattern`/
             `slices` key) matches nothing, selects a leaf LoRA cannot adapt, a `slices` axis
-            cannot be sliced, or a rank is larger than the smaller side of a kernel (of each
-            slice, with `slices`).
+            cannot be sliced, a rank is larger than the smaller side of a kernel (of each
+            slice, with `slices`), or a residual init (``"pissa"``) meets a quantized
+            kernel.
         TypeError: `config` is not a `LoraConfig`, or `key` is not a PRNG key.
 
     Example:
@@ -183,6 +189,14 @@ def split(
     key = check_key(key, "split")
     targets = select_targets(variables, config, layouts)
     flat = flatten(variables)
+    if config.init not in BASE_KEEPING_INITS:
+        for path in targets:
+            if is_packed(flat[path]):
+                raise ValueError(
+                    f"{path} is quantized: a residual init rewrites the base kernel "
+                    f"(init={config.init!r}); use lj.quant.loftq, or split the float base "
+                    f"and quantize the residual it returns."
+                )
     adapters, residuals = {}, {}
     for path, layout in targets.items():
         kernel = flat[path]

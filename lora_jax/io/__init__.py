@@ -10,5 +10,16 @@ config to read it back:
 
 from lora_jax.io._adapter import METADATA_FILE, load_adapter, read_metadata, save_adapter
 from lora_jax.io._checkpoint import CheckpointManager
+from lora_jax.io._digest import base_sample, digest, tree_digests, verify_tree_digests
 
-__all__ = ["METADATA_FILE", "CheckpointManager", "load_adapter", "read_metadata", "save_adapter"]
+__all__ = [
+    "METADATA_FILE",
+    "CheckpointManager",
+    "base_sample",
+    "digest",
+    "load_adapter",
+    "read_metadata",
+    "save_adapter",
+    "tree_digests",
+    "verify_tree_digests",
+]

@@ -45,8 +45,8 @@ def digest(x: Any) -> str:
 
     Example:
         >>> import numpy as np
-        >>> from lora_jax.io._digest import digest
-        >>> digest(np.zeros(3, np.float32)) == digest(np.zeros(3, np.float32))
+        >>> import lora_jax as lj
+        >>> lj.io.digest(np.zeros(3, np.float32)) == lj.io.digest(np.zeros(3, np.float32))
         True
     """
     a = np.ascontiguousarray(host_array(x))
@@ -114,6 +114,12 @@ def tree_digests(tree: Any) -> dict[str, dict[str, str]]:
 
     Returns:
         The record, keyed by `jax.tree_util.keystr`.
+
+    Example:
+        >>> import numpy as np, lora_jax as lj
+        >>> record = lj.io.tree_digests({"w": np.zeros(3, np.float32)})
+        >>> list(record), record["['w']"]["dtype"]
+        (["['w']"], '<f4')
     """
     out = {}
     for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -133,6 +139,19 @@ def verify_tree_digests(
             verified), `MISSING` for one saved by an older version (warns).
         tree: the restored pytree.
         where: the step folder (for the message).
+
+    Raises:
+        ValueError: a leaf's digest differs from the one recorded.
+
+    Example:
+        >>> import numpy as np, lora_jax as lj
+        >>> tree, other = {"w": np.zeros(3, np.float32)}, {"w": np.ones(3, np.float32)}
+        >>> lj.io.verify_tree_digests(lj.io.tree_digests(tree), tree, "here")  # silent
+        >>> try:
+        ...     lj.io.verify_tree_digests(lj.io.tree_digests(tree), other, "there")
+        ... except ValueError as err:
+        ...     print(str(err)[:45])
+        state['w']: the restored array does not match
     """
     if recorded is None:
         return
@@ -171,6 +190,12 @@ def base_sample(kernel: Any) -> str:
 
     Returns:
         The digest string.
+
+    Example:
+        >>> import jax.numpy as jnp, lora_jax as lj
+        >>> w = jnp.linspace(-1.0, 1.0, 10_000).reshape(100, 100)
+        >>> lj.io.base_sample(w) == lj.io.base_sample(w.astype(jnp.bfloat16))
+        True
     """
     flat = jax.numpy.ravel(unpack(kernel))  # a quantized kernel: its float values
     idx = np.linspace(0, flat.size - 1, min(flat.size, SAMPLE)).astype(np.int64)

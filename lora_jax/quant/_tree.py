@@ -17,7 +17,7 @@ from lora_jax.core._patterns import freeze_spec, matching
 from lora_jax.quant._formats import FORMATS, group_problem
 from lora_jax.quant._kernel import QuantizedKernel, dequantize, is_quantized, quantize_kernel
 
-__all__ = ["dequantize_tree", "errors", "nbytes", "quantize"]
+__all__ = ["dequantize_tree", "errors", "nbytes", "quantize"]  # and `grouped_axis` for loftq
 
 Spec = str | list[str] | tuple[str, ...] | Callable[[str, Any], bool] | None
 
@@ -35,12 +35,21 @@ NOT_KERNELS = ("bias", "scale", "embedding")
 
 
 def _is_kernel(leaf: Any) -> bool:
+    """A float leaf with at least 2 axes that is not quantized yet."""
+    if is_quantized(leaf):
+        return False
     dtype = getattr(leaf, "dtype", None)
     return dtype is not None and len(leaf.shape) >= 2 and jnp.issubdtype(dtype, jnp.floating)
 
 
 def _check_target(path: str, leaf: Any, why: str) -> None:
     """An explicitly targeted leaf must be a float array with at least 2 axes."""
+    if is_quantized(leaf):
+        raise ValueError(
+            f"{why} selects {path!r}, which is already quantized ({leaf!r}); quantized "
+            f"kernels are left as they are: narrow the pattern, or call "
+            f"lj.quant.dequantize_tree first to re-quantize."
+        )
     if getattr(leaf, "shape", None) is None or getattr(leaf, "dtype", None) is None:
         raise TypeError(f"{why} selects {path!r}, which is a {type(leaf).__name__}, not an array.")
     if len(leaf.shape) < 2:
@@ -98,11 +107,18 @@ def _select(
             if pattern not in seen:
                 raise _unmatched(field, pattern, list(flat))
     if not chosen:
+        done = [p for p, x in flat.items() if is_quantized(x)]
+        if done:
+            raise ValueError(
+                f"quantize: the tree is already quantized ({len(done)} QuantizedKernel(s), "
+                f"first at {done[0]!r}) and no float kernel is left to choose; call "
+                f"lj.quant.dequantize_tree first to re-quantize."
+            )
         raise ValueError(f"quantize: no kernel selected among {len(flat)} leaves.")
     return chosen
 
 
-def _axis(path: str, leaf: Any, layouts: Mapping[str, Layout] | None) -> int:
+def grouped_axis(path: str, leaf: Any, layouts: Mapping[str, Layout] | None) -> int:
     """The grouped axis: the layout's last input axis, else ndim - 2 (``in`` of a Dense)."""
     layout = (layouts or {}).get(path)
     if layout is None:
@@ -156,7 +172,9 @@ def quantize(
             kernels a contraction uses), every path there whose layout is not an
             embedding; without, every float leaf with at least 2 axes not named
             ``bias``, ``scale`` or ``embedding`` (Flax's names for biases, norm scales and
-            embedding tables, 2-D in a scanned stack).
+            embedding tables, 2-D in a scanned stack). Kernels already quantized are
+            skipped (a partly quantized tree, e.g. after `lora_jax.quant.loftq`, gets the
+            rest quantized); a pattern that selects one is an error.
         layouts: ``{path: Layout}`` from `lora_jax.infer_layouts`: the grouped axis of a
             kernel is its layout's last input axis (``ndim - 2`` without a layout).
         exclude: leaves left float, in the same forms as `targets`.
@@ -165,9 +183,11 @@ def quantize(
         A tree of the same structure with each chosen kernel a `QuantizedKernel`.
 
     Raises:
-        ValueError: unknown `format`; the tree is already quantized; a `targets` or
-            `exclude` pattern matches nothing; a target is 1-D; a group size does not fit
-            a kernel's grouped axis (the path, axis and size are named); nothing selected.
+        ValueError: unknown `format`; no float kernel is left (the tree is already
+            quantized); a `targets` pattern selects an already quantized kernel; a
+            `targets` or `exclude` pattern matches nothing; a target is 1-D; a group size
+            does not fit a kernel's grouped axis (the path, axis and size are named);
+            nothing selected.
         TypeError: a target is not a float array.
 
     Example:
@@ -180,16 +200,10 @@ def quantize(
     if format not in FORMATS:
         raise ValueError(f"quantize: unknown format {format!r}; formats are {FORMATS}.")
     flat = flatten(tree, is_leaf=is_quantized)
-    done = [p for p, x in flat.items() if is_quantized(x)]
-    if done:
-        raise ValueError(
-            f"quantize: the tree is already quantized ({len(done)} QuantizedKernel(s), first "
-            f"at {done[0]!r}); call lj.quant.dequantize_tree first to re-quantize."
-        )
     targets = freeze_spec(targets, "targets")
     exclude = freeze_spec(exclude, "exclude")
     chosen = _select(flat, targets, exclude, layouts)
-    axes = {path: _axis(path, flat[path], layouts) for path in chosen}
+    axes = {path: grouped_axis(path, flat[path], layouts) for path in chosen}
     for path, axis in axes.items():
         _check_group(path, tuple(flat[path].shape), axis, format, group_size)
     new = {

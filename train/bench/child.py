@@ -2,6 +2,7 @@
 on N simulated devices. Prints one JSON line.
 
     python -m train.bench.child memory --preset medium --variant full|lora-qv|lora-all-linear
+    python -m train.bench.child memory --preset medium --variant qlora-nf4
     python -m train.bench.child scaling --preset medium --devices 4
 
 Peak memory is a property of a whole process, and the device count must be set before JAX
@@ -52,6 +53,8 @@ def memory(preset: str, variant: str, steps: int) -> dict[str, Any]:
 
     jnp.ones(()).block_until_ready()  # the runtime is up
     baseline = peak_rss()
+    if variant.startswith("qlora-"):  # the base built kernel by kernel, never whole in float
+        return _qlora_memory(preset, variant.removeprefix("qlora-"), steps, baseline)
     model, variables, ids = _model(preset)
     if variant == "full":
         runner = full_runner(model, variables, ids)
@@ -64,6 +67,31 @@ def memory(preset: str, variant: str, steps: int) -> dict[str, Any]:
     peak = peak_rss()
     return {
         "peak_bytes": peak,
+        "baseline_bytes": baseline,
+        "opt_bytes": runner.opt_bytes,
+        "trainable": runner.trainable,
+    }
+
+
+def _qlora_memory(preset: str, fmt: str, steps: int, baseline: int) -> dict[str, Any]:
+    import jax
+
+    from train.bench.models import GPT, PRESETS
+    from train.bench.qlora import QLORA_ROUTE, streamed_quantized_init
+    from train.bench.steps import ALL_LINEAR, lora_runner
+
+    cfg = PRESETS[preset]
+    model = GPT(cfg)
+    ids = jax.random.randint(jax.random.key(0), (cfg.batch, cfg.seq), 0, cfg.vocab)
+    variables, layouts = streamed_quantized_init(model, ids, fmt)
+    runner = lora_runner(
+        f"qlora-{fmt}", model, variables, ids, ALL_LINEAR, route=QLORA_ROUTE, layouts=layouts
+    )
+    del variables
+    for _ in range(steps):
+        runner.run()
+    return {
+        "peak_bytes": peak_rss(),
         "baseline_bytes": baseline,
         "opt_bytes": runner.opt_bytes,
         "trainable": runner.trainable,

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 MEMORY_VARIANTS = ("full", "lora-qv", "lora-all-linear")
+QLORA_MEMORY_VARIANTS = ("lora-all-linear", "qlora-nf4")
 DEVICE_COUNTS = (1, 2, 4)
 
 
@@ -30,11 +31,13 @@ def child(*args: str, timeout: float = 900.0) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def peak_memory(preset: str, steps: int = 3) -> dict[str, dict[str, Any]]:
+def peak_memory(
+    preset: str, steps: int = 3, variants: tuple[str, ...] = MEMORY_VARIANTS
+) -> dict[str, dict[str, Any]]:
     """Peak resident bytes and optimizer-state bytes of each variant, one process each."""
     return {
         v: child("memory", "--preset", preset, "--variant", v, "--steps", str(steps))
-        for v in MEMORY_VARIANTS
+        for v in variants
     }
 
 
