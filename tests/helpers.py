@@ -62,3 +62,40 @@ def contraction_sizes(hlo):
     HLO text, fused computations included (XLA's CPU backend lowers `lax.ragged_dot` to
     dots on group-masked operands, so those are found too)."""
     return [math.prod(int(d) for d in dims.split(",") if d) for dims in _CONTRACTION.findall(hlo)]
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(worker: str, *args: str, timeout: float = 240) -> None:
+    """Runs ``python worker PROCESS_ID PORT *args`` as two processes that meet over
+    loopback (each sets its own XLA_FLAGS); asserts both exit 0, showing the output of one
+    that does not."""
+    import os
+    import subprocess
+    import sys
+
+    port = str(free_port())
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(i), port, *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]

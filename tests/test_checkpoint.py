@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from helpers import as_f64, perturb
+from helpers import as_f64, perturb, run_two_processes
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from models import Mlp
 from problem import APPLY, CONFIG, batches, loss_fn, optimizer, start
@@ -613,34 +611,11 @@ def test_a_step_restores_only_onto_its_base_values(tmp_path):
             mgr.restore(state, frozen=other, strict=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_save_retain_and_restore(tmp_path):
     """Two real processes over loopback, adapters sharded across them: the manager's save,
     retention and restore, and `save_adapter` / `load_adapter`, as collective calls."""
-    worker, port = str(HERE / "checkpoint_worker.py"), str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, str(i), port, str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    run_two_processes(str(HERE / "checkpoint_worker.py"), str(tmp_path))
     got = [np.load(tmp_path / f"result_{i}.npz") for i in range(2)]
     assert [(tmp_path / f"steps_{i}.txt").read_text() for i in range(2)] == ["3 4", "3 4"]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["3", "4"]

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import run_two_processes
 from jax.sharding import Mesh, PartitionSpec
 from problem import (
     CONFIG,
@@ -283,34 +281,11 @@ def test_step_refuses_pissa_adapter_on_the_original_base(name):
 # ---- two real processes -------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, reference):
     _, ref = reference
     worker = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
-    port = str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, str(i), port, str(tmp_path), str(STEPS)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    run_two_processes(worker, str(tmp_path), str(STEPS))
     flat_ref = {
         jax.tree_util.keystr(k): v
         for k, v in jax.tree_util.tree_flatten_with_path(to_numpy(ref.lora))[0]
