@@ -8,13 +8,13 @@ same storage, unpacked to `dtype`), ``slice_axis(axis, start, size)`` and
 None), and ``scan_parts()`` (``(parts, rebuild)``: arrays with the leading axis first, and
 the function that makes the packed value of one slice of them; or None), ``describe()``
 (how it is stored, as JSON) and ``with_specs(spec)`` (a `PartitionSpec` per stored array
-for a kernel sharded as `spec`). The framework
-code never imports the quantization module: this protocol is the whole contract.
+for a kernel sharded as `spec`). The framework code never imports the quantization
+module: this protocol is the whole contract.
 
 `Pending` is a packed kernel with shape operations queued on it (a transpose, a reshape):
 the contraction rewrite carries it until an operation computes with it, then unpacks it
-there, under `jax.checkpoint` so the backward pass unpacks again instead of keeping the
-float kernel.
+there (`computed`): once that operation's other operands exist, and again in the backward
+pass when its cotangent arrives, so the float kernel is neither unpacked early nor kept.
 """
 
 from __future__ import annotations
@@ -178,7 +178,8 @@ LINEAR = ("dot_general", "conv_general_dilated")
 
 def _tie(p: list, o: Any) -> list:
     """`p` made to depend on a value of `o` (an activation or a cotangent): a zero taken
-    from one of its elements is added to each float array of `p`. XLA's CPU pipeline drops
+    from one of its elements (0 if that element is not finite) is added to each array of
+    `p`. XLA's CPU pipeline drops
     optimization barriers before it schedules, and would then unpack every layer's kernel
     at the start of the step and keep them; a data dependence it cannot drop keeps each
     unpack next to its use (measured: 8 unrolled 1024 x 1024 nf4 layers, 33 MiB of
@@ -200,8 +201,8 @@ def _zero_cotangent(x: Any) -> Any:
 def computed(bind: Callable[..., Any], invals: list, name: str = "") -> Any:
     """``bind(*values)`` with packed operands unpacked there and nowhere else.
 
-    The unpacking waits for the equation's other operands (an optimization barrier), so
-    XLA cannot unpack every layer's kernel at the start of the step; the backward pass
+    The unpacking waits for the equation's other operands (`_tie`, and an optimization
+    barrier), so XLA cannot unpack every layer's kernel at the start of the step; the backward pass
     unpacks it again when the cotangent arrives (a custom VJP), so the float kernel is
     never kept from the forward pass. For a contraction (`LINEAR`) the backward pass needs
     only the kernel; otherwise the other operands are kept and differentiated through.
