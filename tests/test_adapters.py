@@ -648,3 +648,33 @@ def test_benchmark_serving_table_swaps_without_recompiling():
     table = benchmark.main(["--preset", "tiny", "--rounds", "1", "--part", "serving"])
     for name in ("base (no adapter)", "one adapter (swapped every call)", "mixed batch of 4"):
         assert re.search(rf"\| forward, {re.escape(name)}.*\| 1 / 3 \|$", table, re.M), table
+
+
+@pytest.mark.parametrize("alpha", [2.0, 16.0])
+def test_olora_is_peft_olora_init(alpha):
+    """OLoRA as PEFT's `olora_init`: the (out, in) weight's QR, A = R[:r], B = Q[:, :r]
+    (not divided by the scale), base = W - s·B@A (float64 NumPy reference; the products are
+    compared, which do not depend on QR's signs). The model starts exactly at the base,
+    on a 2-D kernel and on a scanned (3-D) one, per layer."""
+    rank = 3
+    for shape, layouts in (((12, 7), None), ((2, 12, 7), {"w": STACKED})):
+        w = np.asarray(jax.random.normal(jax.random.key(0), shape), np.float64)
+        config = lj.LoraConfig(rank=rank, alpha=alpha, targets="w", init="olora")
+        frozen, lora = lj.split(
+            {"w": jnp.asarray(w, jnp.float32)}, config, key=jax.random.key(1), layouts=layouts
+        )
+        a, b, s = (
+            np.asarray(lora["w"].a, np.float64),
+            np.asarray(lora["w"].b, np.float64),
+            alpha / rank,
+        )
+        for i, wi in enumerate(w.reshape(-1, 12, 7)):
+            q, r = np.linalg.qr(wi.T)
+            ba = q[:, :rank] @ r[:rank]  # PEFT's B @ A, (out, in)
+            ai, bi = a.reshape(-1, 12, rank)[i], b.reshape(-1, rank, 7)[i]
+            np.testing.assert_allclose(bi.T @ ai.T, ba, atol=1e-5)
+            resid = np.asarray(frozen["w"], np.float64).reshape(-1, 12, 7)[i]
+            np.testing.assert_allclose(resid, wi - s * ba.T, atol=1e-5)
+        merged = np.asarray(lj.merge(frozen, lora)["w"], np.float64)
+        np.testing.assert_allclose(merged, w, atol=1e-5)  # starts exactly at the base
+        assert lora["w"].residual_norm is not None  # the original weights are refused

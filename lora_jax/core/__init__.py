@@ -4,7 +4,7 @@ Most of it is re-exported at the top of `lora_jax`; this namespace holds the res
 
     >>> import lora_jax as lj
     >>> lj.core.INITS
-    ('normal', 'kaiming_uniform', 'gaussian', 'pissa')
+    ('normal', 'kaiming_uniform', 'gaussian', 'pissa', 'olora')
 """
 
 from lora_jax.core._config import INITS

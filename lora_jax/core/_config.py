@@ -20,7 +20,7 @@ TargetSpec = str | Sequence[str] | Callable[[str, Any], bool]
 # The rng stream LoRA dropout draws from (linen ``rngs=``, NNX ``nnx.Rngs``).
 DROPOUT_RNG = "lora_dropout"
 
-INITS = ("normal", "kaiming_uniform", "gaussian", "pissa")
+INITS = ("normal", "kaiming_uniform", "gaussian", "pissa", "olora")
 
 
 def _is_int(value: Any) -> bool:
@@ -58,8 +58,11 @@ class LoraConfig:
         alpha_pattern: ``{regex: alpha}`` overrides, matched like `rank_pattern`.
         init: ``"normal"`` (A ~ N(0, 0.02²), B = 0; the default), ``"kaiming_uniform"``
             (PEFT's default: A ~ U(±1/sqrt(fan_in)), B = 0), ``"gaussian"`` (A ~ N(0, 1/r²)
-            as PEFT's ``"gaussian"``, B = 0) or ``"pissa"`` (A, B from the top-r singular
-            vectors of W; the frozen base becomes the residual).
+            as PEFT's ``"gaussian"``, B = 0), ``"pissa"`` (A, B from the top-r singular
+            vectors of W; the frozen base becomes the residual) or ``"olora"`` (PEFT's
+            OLoRA: from the QR decomposition of W as PEFT's ``(out, in)`` weight, A the
+            first r rows of R, B the first r columns of Q, not divided by the scale; the
+            frozen base becomes the residual ``W - s·B·A``).
         dtype: dtype of the adapter weights (float32 by default, also for a bf16 base).
         slices: ``{regex: axis}``, keys matched like `rank_pattern`: kernels whose path matches
             hold several projections along `axis` (k and v; gate and up): each slice gets its

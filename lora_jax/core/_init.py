@@ -1,4 +1,5 @@
-"""Initial values of the adapter factors: normal, kaiming_uniform, gaussian and PiSSA."""
+"""Initial values of the adapter factors: normal, kaiming_uniform, gaussian, PiSSA and
+OLoRA."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def init_factors(
     dtype: jnp.dtype,
     dropout: float = 0.0,
 ) -> tuple[LoraWeights, jax.Array | None]:
-    """Initial adapter for one kernel, and the PiSSA residual kernel (None otherwise)."""
+    """Initial adapter for one kernel, and the residual kernel of a residual init (PiSSA,
+    OLoRA; None otherwise)."""
     a_shape, b_shape = layout.factor_shapes(tuple(kernel.shape), rank)
     b = jnp.zeros(b_shape, dtype)
     if init == "normal":
@@ -44,9 +46,38 @@ def init_factors(
         a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
     elif init == "gaussian":
         a = jax.random.normal(key, a_shape, dtype) / rank
+    elif init == "olora":
+        return _olora(kernel, layout, rank=rank, scale=scale, dtype=dtype, dropout=dropout)
     else:  # pissa
         return _pissa(kernel, layout, rank=rank, scale=scale, dtype=dtype, dropout=dropout)
     return LoraWeights(a, b, layout, scale=scale, dropout=dropout), None
+
+
+def _residual(
+    kernel: jax.Array, weights: LoraWeights, scale: float
+) -> tuple[LoraWeights, jax.Array]:
+    """The residual kernel ``W - s·a@b`` (the frozen base of a residual init), and the
+    adapter carrying its norm (checked wherever the base is given back)."""
+    residual = (kernel.astype(jnp.float32) - scaled_delta(weights, scale, jnp.float32)).astype(
+        kernel.dtype
+    )
+    norm = float(np.linalg.norm(np.asarray(residual, np.float64).ravel()))
+    return dataclasses.replace(weights, residual_norm=norm), residual
+
+
+def _olora(
+    kernel: jax.Array, layout: Layout, *, rank: int, scale: float, dtype: jnp.dtype, dropout: float
+) -> tuple[LoraWeights, jax.Array]:
+    """OLoRA as PEFT's `olora_init` (peft 0.21, ``tuners/lora/layer.py``): ``Q, R = qr(W)``
+    of the ``(out, in)`` weight, ``A = R[:r]``, ``B = Q[:, :r]`` (not divided by the scale),
+    and the base becomes ``W - s·B@A``; per stack slice. Our ``a = Aᵀ``, ``b = Bᵀ``."""
+    w = to_matrix(kernel.astype(jnp.float32), layout)  # (slices, in, out)
+    q, r = jnp.linalg.qr(jnp.swapaxes(w, -1, -2))  # PEFT's (out, in) weight
+    a = jnp.swapaxes(r[:, :rank, :], -1, -2)
+    b = jnp.swapaxes(q[:, :, :rank], -1, -2)
+    a_shape, b_shape = layout.factor_shapes(tuple(kernel.shape), rank)
+    a, b = a.reshape(a_shape).astype(dtype), b.reshape(b_shape).astype(dtype)
+    return _residual(kernel, LoraWeights(a, b, layout, scale=scale, dropout=dropout), scale)
 
 
 def _pissa(
@@ -60,12 +91,7 @@ def _pissa(
     b = root[:, :, None] * vh[:, :rank, :]
     a_shape, b_shape = layout.factor_shapes(tuple(kernel.shape), rank)
     a, b = a.reshape(a_shape).astype(dtype), b.reshape(b_shape).astype(dtype)
-    weights = LoraWeights(a, b, layout, scale=scale, dropout=dropout)
-    residual = (kernel.astype(jnp.float32) - scaled_delta(weights, scale, jnp.float32)).astype(
-        kernel.dtype
-    )
-    norm = float(np.linalg.norm(np.asarray(residual, np.float64).ravel()))
-    return dataclasses.replace(weights, residual_norm=norm), residual
+    return _residual(kernel, LoraWeights(a, b, layout, scale=scale, dropout=dropout), scale)
 
 
 def check_key(key: Any, where: str) -> jax.Array:

@@ -225,7 +225,8 @@ def check_residuals(frozen_flat: dict[str, Any], adapters: dict[str, LoraWeights
         want = w.residual_norm
         if abs(found - want) > 1e-2 * max(want, 1e-12):
             raise ValueError(
-                f"{path}: this adapter was made with init='pissa', so its base is the residual "
+                f"{path}: this adapter was made with a residual init (init='pissa' or "
+                f"'olora'), so its base is the residual "
                 f"kernel W - s·a@b (norm {want:.6g}) that lj.split returned as `frozen`; the "
                 f"kernel given has norm {found:.6g}. Pass the `frozen` from lj.split (or "
                 f"lj.merge(frozen, lora) for plain weights), not the original variables."

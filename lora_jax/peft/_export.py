@@ -45,9 +45,10 @@ def _check_exportable(adapters: dict[str, LoraWeights]) -> None:
     pissa = [p for p, w in adapters.items() if w.residual_norm is not None]
     if pissa:
         raise ValueError(
-            "a PiSSA adapter cannot be exported for PEFT: its frozen base is the residual "
-            "W - s·a0@b0, so the adapter alone does not describe the change to the original "
-            f"weights. Export merged weights instead. PiSSA adapters at:{listing(pissa)}"
+            "an adapter made with a residual init (PiSSA, OLoRA) cannot be exported for PEFT: "
+            "its frozen base is the residual W - s·a0@b0, so the adapter alone does not "
+            "describe the change to the original weights. Export merged weights instead. "
+            f"Such adapters at:{listing(pissa)}"
         )
 
 
