@@ -585,16 +585,31 @@ def test_import_rejects_what_peft_config_would_not_load(exported):
         load()
 
 
-def test_import_onto_scanned_needs_one_rank_per_stack(llama, tmp_path):
+def test_import_onto_scanned_pads_ranks_that_differ_by_layer(llama, tmp_path):
+    """PEFT's rank_pattern/alpha_pattern give layer 0 another r and alpha than layer 1; on
+    a scanned base both are one stacked kernel: padded to the largest r, the other
+    layer's alpha / r folded into its b, logits equal to real PEFT's."""
     _, config, variables, layouts = _flax_base(llama, True)
+    layer0 = r"layers\.0\.self_attn\.q_proj"
     hf = peft.LoraConfig(
-        r=4, target_modules=["q_proj"], rank_pattern={r"layers\.0\.self_attn\.q_proj": 2}
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj"],
+        rank_pattern={layer0: 2},
+        alpha_pattern={layer0: 6},
+        init_lora_weights=False,  # random B: the adapter moves the logits
     )
     peft.get_peft_model(_torch(llama), hf).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="one Flax kernel, so its modules need one rank"):
-        lj.peft.import_adapter(tmp_path, variables, module_map=module_map(config), layouts=layouts)
+    mm = module_map(config)
+    lora = lj.peft.import_adapter(tmp_path, variables, module_map=mm, layouts=layouts)
+    (w,) = jax.tree.leaves(lora, is_leaf=lambda x: isinstance(x, lj.LoraWeights))
+    assert w.rank == 4 and w.a.shape[0] == 2  # one stacked adapter, two layers
+    np.testing.assert_array_equal(np.asarray(w.a[0, ..., 2:]), 0.0)  # layer 0 padded
+    base = _base_logits(config, variables)
+    ours = _our_logits(config, variables, lora)
+    _assert_same("import, ranks padded per layer", ours, _peft_logits(llama, tmp_path), base)
     with pytest.raises(ValueError, match=r"pass layouts=lj\.infer_layouts"):
-        lj.peft.import_adapter(tmp_path, variables, module_map=module_map(config))
+        lj.peft.import_adapter(tmp_path, variables, module_map=mm)
 
 
 def test_import_rejects_changed_embedding_base_weights(llama, tmp_path):

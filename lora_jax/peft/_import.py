@@ -128,37 +128,56 @@ def _module_factors(
 def _assemble(
     factors: _Factors, modules: dict[str, Slot], dropout: float, dtype: Any
 ) -> dict[str, LoraWeights]:
-    """One `LoraWeights` per Flax kernel from its modules (unstacked layers, fused parts)."""
+    """One `LoraWeights` per Flax kernel from its modules (unstacked layers, fused parts).
+
+    Layers of a scanned kernel whose r differs (PEFT's ``rank_pattern``) are padded with
+    zeros to the largest r, and one scale is kept (the most common): another layer's
+    ``alpha / r`` is folded into its b, so every layer's update ``s·a@b`` is PEFT's. The
+    outputs are PEFT's; training such an adapter trains its padded rows too."""
     by_path: dict[str, list[str]] = {}
     for name in factors:
         by_path.setdefault(modules[name].path, []).append(name)
     out = {}
     for path, names in by_path.items():
-        settings = {factors[n][2:] for n in names}
-        if len(settings) > 1:
-            found = ", ".join(f"{n}: r={factors[n][2]}, alpha={factors[n][3]}" for n in names)
-            raise ValueError(
-                f"{path} is one Flax kernel, so its modules need one rank and alpha; found {found}."
-            )
-        ((r, _, scale),) = settings
+        _check_fused(path, names, factors, modules)
+        r = max(factors[n][2] for n in names)  # ranks that differ by layer: padded to r
+        scales = [factors[n][4] for n in names]
+        scale = max(set(scales), key=scales.count)  # the most common; the rest folded into b
         first = modules[names[0]]
         stack, ins, outs = first.layout.sizes(first.shape)
         a = np.zeros((*stack, math.prod(ins), r), np.float32)
         b = np.zeros((*stack, r, math.prod(outs)), np.float32)
         seen: dict[tuple[int, ...], str] = {}
         for name in names:
-            slot, (A, B) = modules[name], factors[name][:2]
+            slot, (A, B), rank = modules[name], factors[name][:2], factors[name][2]
             other = seen.setdefault(slot.index, name)
             if other != name and not np.array_equal(factors[other][0], A):
                 raise ValueError(
                     f"{path} is one fused Flax kernel, so its modules must share one A; "
                     f"{other} and {name} have different lora_A weights."
                 )
-            a[slot.index], b[slot.index][..., slot.start : slot.stop] = flax_blocks(A, B, slot)
+            block_a, block_b = flax_blocks(A, B, slot)
+            a[slot.index][..., :rank] = block_a
+            b[slot.index][..., :rank, slot.start : slot.stop] = block_b * (factors[name][4] / scale)
         a, b = a.reshape(*stack, *ins, r), b.reshape(*stack, r, *outs)
         arrays = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
         out[path] = LoraWeights(*arrays, first.layout, scale=scale, dropout=dropout)
     return out
+
+
+def _check_fused(path: str, names: list[str], factors: _Factors, modules: dict) -> None:
+    """The modules fused into one kernel slice (one A: q, k, v of one layer) need one rank
+    and alpha; slices of a stack (scanned layers) may differ: they are padded."""
+    by_index: dict[tuple[int, ...], list[str]] = {}
+    for n in names:
+        by_index.setdefault(modules[n].index, []).append(n)
+    for group in by_index.values():
+        if len({factors[n][2:] for n in group}) > 1:
+            found = ", ".join(f"{n}: r={factors[n][2]}, alpha={factors[n][3]}" for n in group)
+            raise ValueError(
+                f"{path} is one fused Flax kernel, so the modules fused into it need one "
+                f"rank and alpha; found {found}."
+            )
 
 
 def _float_dtype(dtype: Any) -> Any:
@@ -215,8 +234,9 @@ def import_adapter(
             or another variant, a ``lora_dropout`` outside [0, 1) (or any, with
             ``target_parameters``, which PEFT refuses to load); keys lack the
             ``base_model.model.`` prefix or name no module of the base (all listed); shapes
-            that do not fit the config or the base; the modules of one Flax kernel with
-            different ranks, alphas or (fused) A's; saved base weights that differ; a
+            that do not fit the config or the base; modules fused into one kernel slice
+            with different ranks, alphas or A's (layers of a scanned kernel may differ:
+            they are padded to the largest rank); saved base weights that differ; a
             damaged weights file (unreadable, or a tensor whose digest differs).
         TypeError: `dtype` is not a floating dtype.
         ImportError: ``safetensors`` is not installed.
