@@ -59,3 +59,18 @@ class Tiny(nn.Module):
         gate = self.param("gate", nn.initializers.normal(0.1), (self.dim, self.dim))
         x = x + jnp.tanh(x @ gate)
         return embed.attend(x)
+
+
+class ScannedMlp(nn.Module):
+    """Three scanned residual MLP layers (24 -> 40 -> 24), sizes found nowhere else so that
+    a test can find their arrays in compiled HLO."""
+
+    @nn.compact
+    def __call__(self, x):
+        class Layer(nn.Module):
+            @nn.compact
+            def __call__(self, h, _):
+                return h + nn.Dense(24, name="down")(jnp.tanh(nn.Dense(40, name="up")(h))), None
+
+        stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return stack(name="layers")(x, None)[0]

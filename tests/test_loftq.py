@@ -5,11 +5,11 @@ by code); and residual inits refused on a quantized base (`lj.split`)."""
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from models import ScannedMlp
 
 import lora_jax as lj
 from lora_jax.quant import dequantize, quantize_kernel
@@ -178,20 +178,8 @@ def test_only_adapted_kernels_are_quantized_and_quantize_does_the_rest(mlp):
     assert lj.quant.is_quantized(full["params"]["fc2"]["kernel"])
 
 
-class Scanned(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        class Layer(nn.Module):
-            @nn.compact
-            def __call__(self, h, _):
-                return h + nn.Dense(24, name="down")(jnp.tanh(nn.Dense(40, name="up")(h))), None
-
-        stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-        return stack(name="layers")(x, None)[0]
-
-
 def test_scanned_kernels_are_done_per_layer():
-    model, x = Scanned(), jax.random.normal(jax.random.key(0), (4, 24))
+    model, x = ScannedMlp(), jax.random.normal(jax.random.key(0), (4, 24))
     variables = model.init(jax.random.key(1), x)
     path = ("params", "layers", "up", "kernel")
     w = low_rank_plus_noise((3, 24, 40), seed=3)

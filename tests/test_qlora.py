@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec
-from models import Mlp, Tiny
+from models import Mlp, ScannedMlp, Tiny
 
 import lora_jax as lj
 
@@ -68,20 +68,6 @@ def test_a_quantized_base_runs_like_its_float_twin(fmt):
     assert all(r.startswith("factored") for r in routes.values()), routes
 
 
-class Scanned(nn.Module):
-    """Three scanned layers with sizes found nowhere else, to find arrays in the HLO."""
-
-    @nn.compact
-    def __call__(self, x):
-        class Layer(nn.Module):
-            @nn.compact
-            def __call__(self, h, _):
-                return h + nn.Dense(24, name="down")(jnp.tanh(nn.Dense(40, name="up")(h))), None
-
-        stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-        return stack(name="layers")(x, None)[0]
-
-
 def _float_arrays(hlo: str, shape: tuple[int, ...]) -> int:
     dims = ",".join(map(str, shape))
     return len(re.findall(rf"f32\[{dims}\]", hlo))
@@ -92,7 +78,7 @@ def test_a_scanned_layer_unpacks_only_its_own_slice():
     iteration unpacks its layer's slice (and the backward pass unpacks it again instead of
     keeping it). Unpacking the tree first (the naive way) does create it: the check can
     fail."""
-    model, x = Scanned(), jnp.ones((4, 24))
+    model, x = ScannedMlp(), jnp.ones((4, 24))
     variables = model.init(jax.random.key(0), x)
     layouts = lj.infer_layouts(model.apply, variables, x)
     q = lj.quant.quantize(variables, "nf4", group_size=8, layouts=layouts)
