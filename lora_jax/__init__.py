@@ -13,11 +13,11 @@ Namespaces for the rest: `lora_jax.nnx` (adapters on Flax NNX modules), `lora_ja
 (the linen machinery), `lora_jax.multi` (many adapters on one base), `lora_jax.peft`
 (HuggingFace PEFT files), `lora_jax.parallel` (strategies and placement for jit, pmap and
 mesh), `lora_jax.optim` (optax pieces), `lora_jax.io` (file formats), `lora_jax.quant` (a
-quantized frozen base: int8, int4, NF4), `lora_jax.core` (targets, deltas, the summary
-type).
+quantized frozen base: int8, int4, NF4), `lora_jax.tokens` (trainable token rows of an
+embedding or head), `lora_jax.core` (targets, deltas, the summary type).
 """
 
-from lora_jax import core, io, linen, multi, nnx, optim, parallel, peft, quant
+from lora_jax import core, io, linen, multi, nnx, optim, parallel, peft, quant, tokens
 from lora_jax._dispatch import infer_layouts, lora_apply, routes, summary
 from lora_jax.core._config import DROPOUT_RNG, PRESETS, LoraConfig
 from lora_jax.core._layout import Layout
@@ -57,5 +57,6 @@ __all__ = [
     "save_adapter",
     "split",
     "summary",
+    "tokens",
     "unmerge",
 ]

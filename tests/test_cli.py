@@ -151,6 +151,26 @@ def test_checkpoints_without_resume_are_refused_and_kept(base_dir, code_dir, tmp
     assert "rank: 8 then, 4 now" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, part", [("--dora", "magnitude"), ("--lora-bias", "bias")])
+def test_dora_and_lora_bias_runs_train_and_record_the_choice(
+    base_dir, code_dir, tmp_path, capsys, flag, part
+):
+    run_dir = tmp_path / "run"
+    args = ("--steps", "4", "--save-every", "2", "--eval-every", "4", flag)
+    assert finetune(base_dir, code_dir, run_dir, *args) == 0
+    lora = lj.load_adapter(run_dir / "adapter")
+    weights = jax.tree.leaves(lora, is_leaf=lambda x: isinstance(x, lj.LoraWeights))
+    assert weights and all(getattr(w, part) is not None for w in weights)
+    assert any(np.abs(np.asarray(getattr(w, part))).sum() > 0 for w in weights)  # trained
+    capsys.readouterr()
+    assert finetune(base_dir, code_dir, run_dir, "--steps", "6", "--resume") == 2
+    assert f"{part_flag(flag)}: True then, False now" in capsys.readouterr().err
+
+
+def part_flag(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
 @pytest.mark.slow
 def test_strategies_train_the_same_adapters(base_dir, code_dir, tmp_path):
     got = {}
@@ -339,7 +359,7 @@ FLAGS_OF = {
     | SAMPLING
     | {"--scan-layers", "--resume"}
     | {"--accum-steps", "--save-every", "--keep", "--compare-full", "--full-lr"}
-    | {"--rank", "--alpha", "--targets", "--dropout", "--rslora"}
+    | {"--rank", "--alpha", "--targets", "--dropout", "--rslora", "--dora", "--lora-bias"}
     | {"--strategy", "--devices", "--coordinator", "--num-processes", "--process-id"}
     | {"--quantize", "--quantize-group"},
     "pretrain": EVERY | DATA | TRAINING,

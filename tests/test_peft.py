@@ -574,8 +574,8 @@ def test_import_rejects_what_peft_config_would_not_load(exported):
     path.write_text(json.dumps({**record, "r": 8}))
     with pytest.raises(ValueError, match=r"r=8 and the base need"):
         load()
-    path.write_text(json.dumps({**record, "use_dora": True, "modules_to_save": ["lm_head"]}))
-    with pytest.raises(ValueError, match="use_dora, modules_to_save"):
+    path.write_text(json.dumps({**record, "use_qalora": True, "modules_to_save": ["lm_head"]}))
+    with pytest.raises(ValueError, match="use_qalora, modules_to_save"):
         load()
     path.write_text(json.dumps({**record, "init_lora_weights": "pissa_niter_4"}))
     with pytest.raises(ValueError, match=r"init_lora_weights='pissa_niter_4' .*residual base"):

@@ -74,8 +74,10 @@ def test_all_names_exist_and_are_documented():
 
 
 def test_small_top_level_with_namespaces():
-    assert len(lj.__all__) <= 26, lj.__all__
-    assert {"nnx", "peft", "multi", "parallel", "optim", "io", "quant", "core"} <= set(NAMESPACES)
+    assert len(lj.__all__) <= 27, lj.__all__
+    assert {"nnx", "peft", "multi", "parallel", "optim", "io", "quant", "core", "tokens"} <= set(
+        NAMESPACES
+    )
     for ns in NAMESPACES:
         module = getattr(lj, ns)
         assert module.__all__, ns

@@ -31,6 +31,9 @@ Rows (targets on a CPU in brackets):
   quantized kernels alone; peak memory of a QLoRA nf4 run / a float LoRA run; QLoRA nf4
   step / float LoRA step [<= 1.5, CPU]; the demo's fine-tune on an nf4 base / on the float
   base, eval loss [<= 1.03].
+- DoRA (`use_dora=True`, through the contraction rewrite, checked to route ``factored
+  (dot_general, DoRA)``): DoRA all-linear step / LoRA all-linear step [<= 1.15; PEFT
+  measures about +26% on GPU], and the peak memory of a DoRA run / a LoRA run beside it.
 
 Usage::
 
@@ -39,6 +42,7 @@ Usage::
     python -m train.benchmark --part serving  # only the serving rows
     python -m train.benchmark --part moe      # only the mixture-of-experts rows
     python -m train.benchmark --part qlora    # only the QLoRA rows (runs the demo twice)
+    python -m train.benchmark --part dora     # only the DoRA rows
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from train.bench.moe import EXPERTS, TOP_K, moe_runners
 from train.bench.serving import SERVING_ADAPTERS, serving_runners
 from train.bench.steps import (
     ALL_LINEAR,
+    DORA_ROUTE,
     NNX_ALL_LINEAR,
     QV,
     Runner,
@@ -70,7 +75,7 @@ from train.bench.steps import (
     paired_gap,
 )
 
-PARTS = ("train", "moe", "serving", "files", "memory", "scaling", "qlora")
+PARTS = ("train", "moe", "serving", "files", "memory", "scaling", "qlora", "dora")
 TARGETS = {
     "lora q/v": 0.65,
     "lora all-linear": 0.75,
@@ -83,6 +88,7 @@ TARGETS = {
     "qlora 4-bit bytes": 0.16,
     "qlora step": 1.5,
     "qlora quality": 1.03,
+    "dora step": 1.15,
 }
 
 
@@ -302,6 +308,22 @@ def qlora_quality_rows(q: dict[str, Any]) -> list[str]:
     ]
 
 
+def dora_rows(runners: dict[str, Runner], mem: dict[str, dict[str, Any]]) -> list[str]:
+    d, lo = mem["dora-all-linear"], mem["lora-all-linear"]
+    return [
+        _ratio_row(
+            "DoRA all-linear step / LoRA all-linear step",
+            runners["dora"],
+            runners["lora"],
+            1,
+            "dora step",
+        ),
+        f"| peak memory (process), DoRA all-linear run / LoRA all-linear run "
+        f"| {_mib(d['peak_bytes'])} | {_mib(lo['peak_bytes'])} "
+        f"| {d['peak_bytes'] / lo['peak_bytes']:.2f} |  |",
+    ]
+
+
 def scaling_rows(steps_per_s: dict[int, float]) -> list[str]:
     one = steps_per_s[1]
     return [
@@ -332,11 +354,11 @@ def step_table(runners: dict[str, Runner]) -> str:
     return "\n".join(lines)
 
 
-def qlora_step_table(runners: dict[str, Runner]) -> str:
-    """QLoRA's step against float LoRA's (same adapters)."""
+def qlora_step_table(runners: dict[str, Runner], against: str = "float LoRA") -> str:
+    """QLoRA's (or DoRA's) step against LoRA's (same targets and ranks)."""
     ref = runners["lora"]
     lines = [
-        "| variant | median step (s) | ratio to float LoRA (range) | compile (s) |",
+        f"| variant | median step (s) | ratio to {against} (range) | compile (s) |",
         "|---|---|---|---|",
     ]
     for r in runners.values():
@@ -434,6 +456,18 @@ def main(argv: list[str] | None = None) -> str:
         rows += qlora_memory_rows(mem)
         print("  qlora quality: the demo's fine-tune, float and nf4 base", flush=True)
         rows += qlora_quality_rows(qlora.demo_quality(args.preset))
+    if "dora" in parts:
+        d_runners = {
+            "lora": lora_runner("lora all-linear", model, variables, ids, ALL_LINEAR),
+            "dora": lora_runner(
+                "dora all-linear", model, variables, ids, ALL_LINEAR, route=DORA_ROUTE, dora=True
+            ),
+        }
+        measure(list(d_runners.values()), args.rounds)
+        print("  dora memory: one process per variant", flush=True)
+        mem = processes.peak_memory(args.preset, variants=processes.DORA_MEMORY_VARIANTS)
+        rows += dora_rows(d_runners, mem)
+        details.append("DoRA training steps:\n\n" + qlora_step_table(d_runners, "LoRA"))
     head = (
         f"Model: {cfg.layers} layers, d_model {cfg.d_model}, {cfg.heads} heads, vocab "
         f"{cfg.vocab}, seq {cfg.seq}, batch {cfg.batch}, float32, adamw, rank {RANK}; "

@@ -174,6 +174,10 @@ FLAGS = (
          recorded=True),
     Flag("dropout", FINETUNE, "LoRA", "LoRA dropout on the adapter input", recorded=True),
     Flag("rslora", FINETUNE, "LoRA", "scale by alpha / sqrt(r)", recorded=True),
+    Flag("dora", FINETUNE, "LoRA", "DoRA: also train a magnitude per output feature "
+         "(PEFT's use_dora)", recorded=True),
+    Flag("lora_bias", FINETUNE, "LoRA", "also train a bias of each up-projection (PEFT's "
+         "lora_bias; not with --dora)", recorded=True),
     Flag("quantize", FINETUNE, "LoRA", "store the frozen base quantized (QLoRA): int8 per "
          "output channel, or int4 / nf4 in groups; embeddings and norms stay float",
          choices=QUANTIZE, recorded=True),

@@ -41,6 +41,8 @@ _RESUME_FIXED = (
     "rank",
     "alpha",
     "targets",
+    "dora",
+    "lora_bias",
     "quantize",
     "quantize_group",
 )
@@ -70,7 +72,13 @@ def lora_config(s: Settings) -> lj.LoraConfig:
         4
     """
     return lj.LoraConfig(
-        rank=s.rank, alpha=s.alpha, targets=s.targets, dropout=s.dropout, use_rslora=s.rslora
+        rank=s.rank,
+        alpha=s.alpha,
+        targets=s.targets,
+        dropout=s.dropout,
+        use_rslora=s.rslora,
+        use_dora=s.dora,
+        lora_bias=s.lora_bias,
     )
 
 

@@ -84,6 +84,8 @@ class Settings:
     targets: str = "all-linear"
     dropout: float = 0.0
     rslora: bool = False
+    dora: bool = False
+    lora_bias: bool = False
     # QLoRA: the frozen base stored quantized ("none": float).
     quantize: str = "none"
     quantize_group: int = 64

@@ -68,6 +68,15 @@ class LoraConfig:
             hold several projections along `axis` (k and v; gate and up): each slice gets its
             own adapter, as PEFT has for separate modules. Without it one adapter spans the
             whole kernel (the axis is an output axis). A negative axis counts from the end.
+        use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): each adapter also
+            trains a magnitude per output feature (`LoraWeights.magnitude`, initialised to
+            ``‖W + s·a@b‖``, the norm over the input axes, so training starts at the base);
+            the layer computes ``m / ‖W + s·a@b‖ · (W x + s·(x a) b)`` with the norm held
+            constant in the backward pass. With LoRA dropout running, as PEFT:
+            ``W x + (m/‖·‖ - 1)·W x' + m/‖·‖·s·(x' a) b`` for the dropped input x'.
+        lora_bias: PEFT's ``lora_bias``: the up-projection also trains a bias
+            (`LoraWeights.bias`, zeros at init), so the low-rank path is
+            ``s·((x a) b + bias)``. As in PEFT, not with DoRA or a residual init.
 
     Example:
         >>> import lora_jax as lj
@@ -87,6 +96,8 @@ class LoraConfig:
     init: str = "normal"
     dtype: Any = jnp.float32
     slices: Mapping[str, int] | tuple[tuple[str, int], ...] = ()
+    use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
@@ -99,6 +110,19 @@ class LoraConfig:
             raise ValueError(f"`dropout` must be in [0, 1); found {self.dropout!r}.")
         if self.init not in INITS:
             raise ValueError(f"`init` must be one of {INITS}; found {self.init!r}.")
+        for name in ("use_dora", "lora_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be a bool; found {getattr(self, name)!r}.")
+        if self.lora_bias and self.use_dora:
+            raise ValueError(
+                "`lora_bias=True` does not combine with `use_dora=True` (as in PEFT): the DoRA "
+                "norm is of the kernel, which a bias is not part of. Choose one."
+            )
+        if self.lora_bias and self.init in ("pissa", "olora"):
+            raise ValueError(
+                f"`lora_bias=True` needs an init that keeps the base (as in PEFT); found "
+                f"init={self.init!r}."
+            )
         try:
             dtype = jnp.dtype(self.dtype)
         except TypeError as err:

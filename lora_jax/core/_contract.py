@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["low_rank_conv", "low_rank_dot", "low_rank_ragged"]
+__all__ = [
+    "conv_vector",
+    "dot_vector",
+    "input_vector",
+    "low_rank_conv",
+    "low_rank_dot",
+    "low_rank_ragged",
+]
 
 
 def low_rank_dot(
@@ -234,3 +241,38 @@ def _two_d(x, cur, first, second, swap, xc, k_contract, k_free, side):
     tail = [n + i for i in want]
     perm = (tail + list(range(n))) if side == 0 else (list(range(n)) + tail)
     return jnp.transpose(y, perm) if perm != list(range(y.ndim)) else y
+
+
+def dot_vector(v: Any, cur: Any, view: Any, kc: tuple, kb: tuple, side: int, x_free: int) -> Any:
+    """A ``(*stack, *out)`` vector (DoRA's gain, a lora_bias) laid out against a
+    ``dot_general`` result that contracts the kernel's input axes: the batch axes first, then
+    the two operands' free axes (size 1 along the input's)."""
+    lay, axes = cur.layout, view.axes
+    k_batch = [axes[i] for i in kb]
+    k_free = [axes[i] for i in range(len(axes)) if i not in kc and i not in kb]
+    src = list(lay.stack_axes) + list(lay.out_axes)
+    t = jnp.transpose(v, [src.index(k) for k in k_batch + k_free])
+    shape, nb = list(t.shape), len(k_batch)
+    ones = [1] * x_free
+    return t.reshape(shape + ones if side == 0 else shape[:nb] + ones + shape[nb:])
+
+
+def input_vector(v: Any, cur: Any, view: Any, kc: tuple, xc: tuple, x_ndim: int) -> Any:
+    """A ``(*out)`` vector laid out against the input of a ``dot_general`` that contracts
+    the kernel's output axes (a tied head reading an embedding table as ``x @ Wᵀ``)."""
+    lay = cur.layout
+    shape = [1] * x_ndim
+    positions = sorted(xc)
+    kernel_axes = [view.axes[kc[list(xc).index(p)]] for p in positions]
+    t = jnp.transpose(v, [list(lay.out_axes).index(k) for k in kernel_axes])
+    for p, size in zip(positions, t.shape, strict=True):
+        shape[p] = size
+    return t.reshape(shape)
+
+
+def conv_vector(v: Any, params: dict, ndim: int) -> Any:
+    """A ``(out,)`` vector laid out against a ``conv_general_dilated`` result (its feature
+    axis)."""
+    shape = [1] * ndim
+    shape[params["dimension_numbers"].out_spec[1]] = v.shape[0]
+    return v.reshape(shape)

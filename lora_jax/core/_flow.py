@@ -82,7 +82,8 @@ def scan(interp: Any, eqn: Any, invals: list, inviews: list, adapters: dict) -> 
             continue
         k = view.axes[0]
         pos = cur.layout.stack_axes.index(k)
-        factors[view.path] = (jnp.moveaxis(cur.a, pos, 0), jnp.moveaxis(cur.b, pos, 0))
+        front = lambda x, pos=pos: None if x is None else jnp.moveaxis(x, pos, 0)
+        factors[view.path] = tuple(front(x) for x in (cur.a, cur.b, cur.magnitude, cur.bias))
         sliced[view.path] = dataclasses.replace(cur, layout=without_axis(cur.layout, k))
         body_views.append(View(view.path, tuple(a - (a > k) for a in view.axes[1:])))
     xs = [
@@ -101,8 +102,8 @@ def scan(interp: Any, eqn: Any, invals: list, inviews: list, adapters: dict) -> 
         x_vals, fac, k = step
         x_vals = [x if r is None else r(x) for x, r in zip(x_vals, rebuilds, strict=True)]
         inner = dict(adapters)
-        for q, (a, b) in zip(paths, fac, strict=True):
-            inner[q] = dataclasses.replace(sliced[q], a=a, b=b)
+        for q, (a, b, m, bias) in zip(paths, fac, strict=True):
+            inner[q] = dataclasses.replace(sliced[q], a=a, b=b, magnitude=m, bias=bias)
         vals = list(consts) + list(c) + list(x_vals)
         views = list(cviews) + [None] * len(c) + body_views
         with interp.keyed(k):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lora_jax.core._dora import dora_kernel
 from lora_jax.core._packed import unpack
 from lora_jax.core._paths import flatten, replace
 from lora_jax.core._weights import check_fits, flatten_lora, scaled_delta
@@ -23,11 +24,40 @@ def _shifted(tree: Any, lora: Any, sign: float) -> Any:
                 f"lj.multi.merge_many."
             )
     check_fits(flat, adapters, residuals=sign > 0)
-    new = {
-        path: flat[path] + scaled_delta(w, sign * w.scale, flat[path].dtype)  # type: ignore[operator]
-        for path, w in adapters.items()
-    }
+    new = {}
+    for path, w in adapters.items():
+        kernel = flat[path]
+        if w.magnitude is not None:
+            if sign < 0:
+                raise ValueError(
+                    f"{path}: a DoRA adapter cannot be taken out of merged weights: merging "
+                    f"rescales each output feature by m / ‖W + s·a@b‖, and that norm of the "
+                    f"original W is not recoverable from the merged kernel (whose norms are "
+                    f"m). Keep the base (`frozen`, never changed by lj) instead."
+                )
+            merged = dora_kernel(kernel, w.a, w.b, w.layout, w.scale, w.magnitude)  # type: ignore[arg-type]
+            new[path] = merged.astype(kernel.dtype)
+        else:
+            new[path] = kernel + scaled_delta(w, sign * w.scale, kernel.dtype)  # type: ignore[operator]
+        if w.bias is not None:
+            new.update(_bias_update(flat, path, w, sign))
     return replace(tree, new)
+
+
+def _bias_update(flat: dict[str, Any], path: str, w: Any, sign: float) -> dict[str, Any]:
+    """``{bias path: bias ± s·lora_bias}`` for the base bias beside an adapted kernel (as
+    PEFT merges ``lora_bias``); a ValueError naming the path when there is none that fits."""
+    bias_path = path.rsplit("/", 1)[0] + "/bias"
+    found = flat.get(bias_path)
+    want = tuple(w.bias.shape)
+    if found is None or tuple(getattr(found, "shape", ())) != want:
+        what = "none" if found is None else f"shape {tuple(found.shape)}"
+        raise ValueError(
+            f"{path}: the adapter trains a lora_bias, which merges into the layer's bias "
+            f"{bias_path!r} of shape {want}; found {what}. PEFT cannot merge it either: serve "
+            f"the adapter unmerged (lj.lora_apply)."
+        )
+    return {bias_path: found + (sign * w.scale * w.bias).astype(found.dtype)}
 
 
 def merge(frozen: Any, lora: Any) -> Any:

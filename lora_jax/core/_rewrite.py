@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.extend.core import Literal
 
 from lora_jax.core._contract import low_rank_conv, low_rank_dot, low_rank_ragged
+from lora_jax.core._decomposed import decomposed_conv, decomposed_dot, finish
 from lora_jax.core._flow import cond, remat, scan, while_loop
 from lora_jax.core._packed import computed, follow, packed_or_pending, unpack
 from lora_jax.core._views import Current, View, reshaped, sliced
@@ -132,8 +133,7 @@ class Interpreter:
     def merged(self, value: Any, view: View, adapters: dict, why: str) -> Any:
         cur = adapters[view.path]
         self.note(cur, f"merged (used by {why})")
-        value = unpack(value)
-        return value + cur.delta(view, value.dtype)
+        return cur.merged(unpack(value), view, why)
 
     def bind(self, eqn: Any, invals: list) -> Any:
         """The equation on these values: a shape equation on a packed kernel keeps it packed
@@ -235,8 +235,11 @@ class Interpreter:
         kc, xc = (lc, rc) if side == 0 else (rc, lc)
         kb, xb = (lb, rb) if side == 0 else (rb, lb)
         cur = adapters[view.path]
+        dims = tuple(kc), tuple(xc), tuple(kb), tuple(xb)
+        if cur.magnitude is not None or cur.bias is not None:
+            return decomposed_dot(self, eqn, invals, side, cur, view, dims)
         x = self.dropped(x, cur)
-        term = low_rank_dot(x, cur, view, tuple(kc), tuple(xc), tuple(kb), tuple(xb), side)
+        term = low_rank_dot(x, cur, view, *dims, side)
         return self.added(eqn, invals, cur, term, "dot_general")
 
     def added(self, eqn: Any, invals: list, cur: Current, term: Any, how: str) -> Any:
@@ -250,6 +253,8 @@ class Interpreter:
         if inviews[0] is not None or inviews[1] is None or inviews[2] is not None:
             return None
         cur = adapters[inviews[1].path]
+        if cur.magnitude is not None or cur.bias is not None:
+            return None  # merged (DoRA) or refused (lora_bias): PEFT has neither for experts
         x = self.dropped(invals[0], cur)
         term = low_rank_ragged(x, cur, inviews[1], invals[2], eqn.params)
         return self.added(eqn, invals, cur, term, "ragged_dot")
@@ -258,6 +263,8 @@ class Interpreter:
         if inviews[0] is not None or inviews[1] is None:
             return None
         cur = adapters[inviews[1].path]
+        if cur.magnitude is not None or cur.bias is not None:
+            return decomposed_conv(self, eqn, invals, cur, inviews[1])
         x = self.dropped(invals[0], cur)
         term = low_rank_conv(x, cur, inviews[1], eqn.params)
         return self.added(eqn, invals, cur, term, "conv")
@@ -291,7 +298,8 @@ class Interpreter:
         params = dict(eqn.params, slice_sizes=(1, r))
         h = eqn.primitive.bind(cur.a.astype(table.dtype), ids, **params)
         low = (h * jnp.asarray(cur.scale, h.dtype)) @ cur.b.astype(h.dtype)
-        return self.added(eqn, invals, cur, low, "gather")
+        kernel = (table, view)
+        return finish(self, eqn, invals, 1, ids, cur, low, lambda v: v, kernel, "gather")
 
 
 def _per_example(cur: Current, ids: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,10 +15,12 @@ from lora_jax.core._config import (
     unused_excludes,
     unused_pattern_keys,
 )
+from lora_jax.core._dora import out_shape, weight_norm
 from lora_jax.core._init import check_key, init_factors, path_key
 from lora_jax.core._layout import Layout, matrix_layout
-from lora_jax.core._packed import is_packed
+from lora_jax.core._packed import is_packed, unpack
 from lora_jax.core._paths import close_matches, flatten, nest, replace
+from lora_jax.core._weights import LoraWeights
 
 __all__ = ["split", "select_targets"]  # and BASE_KEEPING_INITS for lora_jax.quant
 
@@ -145,6 +148,22 @@ def _check_unused(
         )
 
 
+# One compiled program per kernel shape (op by op, the norm costs a compile per operation).
+_norm = jax.jit(weight_norm, static_argnums=(3, 4))
+
+
+def _extras(config: LoraConfig, w: LoraWeights, kernel: Any) -> LoraWeights:
+    """The adapter with DoRA's magnitude (``‖W + s·a@b‖`` of its base, so the output starts
+    at the base's) and PEFT's lora_bias (zeros) when the config asks for them."""
+    dtype = jnp.dtype(config.dtype)
+    if config.use_dora:
+        norm = _norm(unpack(kernel), w.a, w.b, w.layout, float(w.scale))  # type: ignore[arg-type]
+        w = dataclasses.replace(w, magnitude=norm.astype(dtype))
+    if config.lora_bias:
+        w = dataclasses.replace(w, bias=jnp.zeros(out_shape(tuple(w.b.shape), w.layout), dtype))
+    return w
+
+
 def split(
     variables: Any,
     config: LoraConfig,
@@ -219,7 +238,7 @@ def split(
             dtype=jnp.dtype(config.dtype),
             dropout=config.dropout,
         )
-        adapters[path] = weights
+        adapters[path] = _extras(config, weights, kernel if residual is None else residual)
         if residual is not None:
             residuals[path] = residual
     return replace(variables, residuals), nest(adapters)

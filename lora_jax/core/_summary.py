@@ -113,7 +113,7 @@ def summary(frozen: Any, lora: Any = None, routes: Mapping[str, str] | None = No
         kernel = tuple(getattr(flat.get(path), "shape", None) or kernel_shape(w))
         route = (routes or {}).get(path, "-")
         rows.append((path, kernel, tuple(w.a.shape), tuple(w.b.shape), w.rank, w.scale, route))
-    adapters = [x for w in weights.values() for x in (w.a, w.b)]
+    adapters = [x for w in weights.values() for x in jax.tree.leaves(w)]  # a, b (m, bias)
     return Summary(
         rows=tuple(rows),
         trainable=sum(math.prod(x.shape) for x in adapters),

@@ -85,7 +85,13 @@ def rewrite(
     key, rates = dropout if dropout is not None else (None, {})
     adapters = {}
     for path, w in adapted.values():
-        cur = Current(w.a, w.b, w.layout, w.scale, path, rate=rates.get(path, 0.0))
+        rate = rates.get(path, 0.0)
+        cur = Current(w.a, w.b, w.layout, w.scale, path, rate, None, None, w.magnitude, w.bias)
+        if mix is not None and (w.magnitude is not None or w.bias is not None):
+            raise ValueError(
+                f"{path}: a mixed batch cannot serve DoRA or lora_bias adapters (each example "
+                f"would need its own weight norm); run each adapter with lj.lora_apply."
+            )
         if mix is not None:
             cur = dataclasses.replace(cur, scale=1.0, rows=mix[0], gains=mix[1][path])
         adapters[path] = cur

@@ -5,6 +5,7 @@ scope sees it), and how a reshape of the kernel carries its adapter along (`resh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax.core._dora import dora_kernel
 from lora_jax.core._layout import Layout
 from lora_jax.core._weights import LoraWeights, scaled_delta
 
@@ -43,6 +45,8 @@ class Current:
         rows: a mixed batch's adapter per example (``(n,)`` ints), or None.
         gains: a mixed batch's multiplier per example (``(n,)``: its adapter's scale, 0
             for the plain base, NaN for a bad id), or None.
+        magnitude: DoRA's magnitude ``(*stack, *out)``, cut and reshaped as `b` is; or None.
+        bias: ``lora_bias`` ``(*stack, *out)``, likewise; or None.
     """
 
     a: Any
@@ -53,10 +57,22 @@ class Current:
     rate: float = 0.0
     rows: Any = None
     gains: Any = None
+    magnitude: Any = None
+    bias: Any = None
 
     @property
     def mixed(self) -> bool:
         return self.rows is not None
+
+    def with_b(self, fn: Any, **changes: Any) -> Current:
+        """This adapter with `fn` applied to `b` and, given a rank axis of size 1, to the
+        vectors of one value per output feature (magnitude, bias): they follow b's cuts,
+        transposes and reshapes."""
+        pos = len(self.layout.stack_axes)
+        per = lambda v: None if v is None else jnp.squeeze(fn(jnp.expand_dims(v, pos)), pos)
+        return dataclasses.replace(
+            self, b=fn(self.b), magnitude=per(self.magnitude), bias=per(self.bias), **changes
+        )
 
     def factors(self) -> tuple[Any, Any]:
         """``(a, b)`` with a mixed batch's adapter axis gathered to one per example."""
@@ -65,15 +81,29 @@ class Current:
         n = len(self.layout.stack_axes)
         return jnp.take(self.a, self.rows, axis=n), jnp.take(self.b, self.rows, axis=n)
 
-    def delta(self, view: View, dtype: Any) -> jax.Array:
+    def merged(self, value: Any, view: View, why: str) -> jax.Array:
+        """`value` (the kernel as `view` sees it) with the adapter folded in: ``W + s·a@b``,
+        or DoRA's ``m / ‖W + s·a@b‖ · (W + s·a@b)``."""
         if self.mixed:
             raise ValueError(
                 f"{self.origin}: a mixed batch needs every use of an adapted kernel factored "
                 f"(one adapter per example); this use would need the merged kernel. Exclude "
                 f"the target, or run each adapter with lj.lora_apply."
             )
+        if self.bias is not None:
+            raise ValueError(
+                f"{self.origin}: an adapter with lora_bias needs every use of its kernel to be "
+                f"a contraction lj factors (the bias is added to the contraction's output); "
+                f"this kernel is used by {why}. Train it without lora_bias."
+            )
+        if self.magnitude is not None:
+            inverse = [view.axes.index(k) for k in range(len(view.axes))]
+            kernel = jnp.transpose(value, inverse)
+            new = dora_kernel(kernel, self.a, self.b, self.layout, self.scale, self.magnitude)
+            return jnp.transpose(new, view.axes).astype(value.dtype)
         w = LoraWeights(self.a, self.b, self.layout, scale=1.0)
-        return jnp.transpose(scaled_delta(w, self.scale, jnp.float32), view.axes).astype(dtype)
+        d = jnp.transpose(scaled_delta(w, self.scale, jnp.float32), view.axes)
+        return value + d.astype(value.dtype)
 
 
 def without_axis(layout: Layout, k: int) -> Layout:
@@ -133,13 +163,14 @@ def reshaped(
     b_perm = [lay.stack_axes.index(k) for k in st_v] + list(range(n_s, n_s + lead + 1))
     b_perm += [n_s + lead + 1 + lay.out_axes.index(k) for k in out_v]
     a = jnp.transpose(cur.a, [*a_perm, cur.a.ndim - 1])
-    b = jnp.transpose(cur.b, b_perm)
     k_axes = tuple(cur.a.shape[n_s : n_s + lead])
     sizes = lambda axes: tuple(new[j] for j in axes)
     a = a.reshape(*sizes(stack), *k_axes, *sizes(ins), cur.a.shape[-1])
-    b = b.reshape(*sizes(stack), *k_axes, cur.a.shape[-1], *sizes(outs))
     layout = Layout("einsum", ins, outs, stack)
-    return dataclasses.replace(cur, a=a, b=b, layout=layout)
+    shape_b = lambda b: jnp.transpose(b, b_perm).reshape(
+        *sizes(stack), *k_axes, b.shape[n_s + lead], *sizes(outs)
+    )
+    return cur.with_b(shape_b, a=a, layout=layout)
 
 
 def sliced(cur: Current, view: View, shape: tuple[int, ...], params: dict, starts: Any) -> Any:
@@ -147,7 +178,7 @@ def sliced(cur: Current, view: View, shape: tuple[int, ...], params: dict, start
     start indices) of a value viewing `cur`'s kernel, when only stack axes are cut: the
     factors cut the same way along those axes (one adapter per kept index). None when an
     input or output axis is cut (the use is then merged)."""
-    a, b, lay = cur.a, cur.b, cur.layout
+    lay = cur.layout
     for i, size in enumerate(shape):
         if starts is None:
             lo, hi = params["start_indices"][i], params["limit_indices"][i]
@@ -160,10 +191,10 @@ def sliced(cur: Current, view: View, shape: tuple[int, ...], params: dict, start
             return None
         pos = lay.stack_axes.index(view.axes[i])
         if starts is None:
-            a = lax.slice_in_dim(a, lo, hi, step, axis=pos)
-            b = lax.slice_in_dim(b, lo, hi, step, axis=pos)
+            cut = functools.partial(lax.slice_in_dim, start_index=lo, limit_index=hi, stride=step)
         else:
-            n = params["slice_sizes"][i]
-            a = lax.dynamic_slice_in_dim(a, starts[i], n, axis=pos)
-            b = lax.dynamic_slice_in_dim(b, starts[i], n, axis=pos)
-    return dataclasses.replace(cur, a=a, b=b)
+            cut = functools.partial(
+                lax.dynamic_slice_in_dim, start_index=starts[i], slice_size=params["slice_sizes"][i]
+            )
+        cur = cur.with_b(lambda x, cut=cut, pos=pos: cut(x, axis=pos), a=cut(cur.a, axis=pos))
+    return cur

@@ -21,12 +21,13 @@ __all__ = ["LoraWeights", "delta"]  # and helpers for the package: see each docs
 class LoraWeights:
     """The low-rank factors of one kernel, with everything needed to use them.
 
-    A pytree node whose only children are ``a`` and ``b``: `jax.jit`, `jax.grad` and optax
-    see the two arrays and nothing else. The rest is static metadata, set once where the
-    adapter is made (`lora_jax.split`, `lora_jax.nnx.add_lora`, `lora_jax.peft.import_adapter`)
-    and carried everywhere after, so no function past `split` takes a config and a scale
-    cannot disagree with the adapter it belongs to. Changing metadata changes the pytree
-    structure (a new compile), never a traced value.
+    A pytree node whose children are ``a`` and ``b`` (and, when present, ``magnitude`` and
+    ``bias``): `jax.jit`, `jax.grad` and optax see those arrays and nothing else. The rest
+    is static metadata, set once where the adapter is made (`lora_jax.split`,
+    `lora_jax.nnx.add_lora`, `lora_jax.peft.import_adapter`) and carried everywhere after,
+    so no function past `split` takes a config and a scale cannot disagree with the
+    adapter it belongs to. Changing metadata changes the pytree structure (a new compile),
+    never a traced value.
 
     Attributes:
         a: down-projection, shape ``(*stack, *in, rank)``.
@@ -41,6 +42,12 @@ class LoraWeights:
             the base keeps ``W - s·a@b``), the Frobenius norm of that residual kernel, so
             applying the adapter to the original weights is caught (within 1% relative);
             None for adapters of an unchanged base.
+        magnitude: DoRA's trainable magnitude, shape ``(*stack, *out)``: the layer's output
+            is ``magnitude / ‖W + s·a@b‖ · (W x + s·(x a) b)`` per output feature, the norm
+            taken over the input axes and treated as a constant in the backward pass (see
+            `lora_jax.LoraConfig.use_dora`); None for plain LoRA.
+        bias: PEFT's ``lora_bias``: a trainable bias of the up-projection, shape
+            ``(*stack, *out)``, added as ``s·bias`` to the low-rank path; None without.
 
     Example:
         >>> import jax.numpy as jnp, lora_jax as lj
@@ -56,6 +63,8 @@ class LoraWeights:
     scale: float | tuple[float, ...] = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
     residual_norm: float | None = struct.field(pytree_node=False, default=None)
+    magnitude: Any = None
+    bias: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.layout, Layout):
@@ -202,6 +211,15 @@ def check_fits(
                 f"{path}: adapter shapes a={tuple(w.a.shape)}, b={tuple(w.b.shape)} do not "
                 f"fit the frozen kernel {shape}; expected a={want_a}, b={want_b}."
             )
+        n = len(w.layout.stack_axes)
+        want_v = want_b[:n] + want_b[n + 1 :]
+        for name in ("magnitude", "bias"):
+            v = getattr(w, name)
+            if v is not None and tuple(getattr(v, "shape", ())) != want_v:
+                raise ValueError(
+                    f"{path}: the adapter's {name} has shape {tuple(getattr(v, 'shape', ()))}; "
+                    f"the kernel {shape} needs one value per output feature, {want_v}."
+                )
     if residuals:
         check_residuals(frozen_flat, adapters)
 

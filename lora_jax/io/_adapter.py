@@ -39,7 +39,13 @@ from lora_jax.io._digest import (
     host_array,
     verify_digests,
 )
-from lora_jax.io._metadata import check_base, check_record, describe, weights_from_record
+from lora_jax.io._metadata import (
+    EXTRAS,
+    check_base,
+    check_record,
+    describe,
+    weights_from_record,
+)
 
 __all__ = ["save_adapter", "load_adapter", "read_metadata", "METADATA_FILE"]
 
@@ -58,7 +64,9 @@ def _host_arrays(lora: Any) -> dict[str, np.ndarray]:
     other processes where sharded over them)."""
     flat = {}
     for path, w in flatten_lora(lora).items():
-        flat[f"{path}/a"], flat[f"{path}/b"] = host_array(w.a), host_array(w.b)
+        for name in EXTRAS:
+            if getattr(w, name) is not None:
+                flat[f"{path}/{name}"] = host_array(getattr(w, name))
     return flat
 
 
@@ -119,7 +127,8 @@ def save_adapter(
     base = {} if frozen is None else flatten(frozen)
     arrays = _host_arrays(lora)  # a collective where the adapters span processes
     for p in flatten_lora(lora):
-        record["adapters"][p]["digests"] = {n: digest(arrays[f"{p}/{n}"]) for n in "ab"}
+        names = [n for n in EXTRAS if f"{p}/{n}" in arrays]
+        record["adapters"][p]["digests"] = {n: digest(arrays[f"{p}/{n}"]) for n in names}
         if p in base:
             record["adapters"][p]["base_sample"] = base_sample(base[p])
             if is_packed(base[p]):  # trained on a quantized base: say how it was stored
@@ -157,7 +166,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         ``fingerprint`` (of the base's targeted paths and shapes), ``config`` (None unless
         one was given to `save_adapter`) and ``adapters``: for each path its ``kind``,
         ``in_axes``, ``out_axes``, ``stack_axes``, ``kernel_shape``, ``rank``, ``scale``,
-        ``dropout``, ``residual_norm``, ``a_shape``, ``b_shape``, ``dtype`` and ``b_dtype``.
+        ``dropout``, ``residual_norm``, ``a_shape``, ``b_shape``, ``dtype`` and ``b_dtype``
+        (and ``magnitude_shape``/``magnitude_dtype``, ``bias_shape``/``bias_dtype`` for
+        DoRA and lora_bias adapters, null otherwise).
 
     Raises:
         ValueError: no adapter at `path`, damaged JSON, or another format version.
@@ -237,6 +248,9 @@ def load_adapter(
     abstract = {}
     for p, entry in record["adapters"].items():
         dtypes = {"a": entry["dtype"], "b": entry.get("b_dtype", entry["dtype"])}
+        for name in ("magnitude", "bias"):
+            if entry.get(f"{name}_shape") is not None:
+                dtypes[name] = entry[f"{name}_dtype"]
         for name, dtype in dtypes.items():
             shape = tuple(entry[f"{name}_shape"])
             abstract[f"{p}/{name}"] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)

@@ -34,6 +34,8 @@ from lora_jax.core._weights import LoraWeights, flatten_lora, kernel_shape
 FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 2
 LIBRARY_VERSION = "0.2.0"
+# The arrays of one adapter, by the name they are stored under (the last two when present).
+EXTRAS = ("a", "b", "magnitude", "bias")
 
 
 def fingerprint(kernels: Mapping[str, tuple[int, ...]]) -> str:
@@ -64,6 +66,8 @@ def config_to_json(config: LoraConfig, adapters: Mapping[str, LoraWeights]) -> d
         "slices": dict(config.slices),
         "init": config.init,
         "dtype": jnp.dtype(config.dtype).name,
+        "use_dora": config.use_dora,
+        "lora_bias": config.lora_bias,
     }
 
 
@@ -87,7 +91,16 @@ def describe_one(w: LoraWeights) -> dict[str, Any]:
         "b_shape": list(w.b.shape),
         "dtype": jnp.dtype(w.a.dtype).name,
         "b_dtype": jnp.dtype(w.b.dtype).name,
+        **{
+            f"{name}_{what}": None if v is None else fn(v)
+            for name, v in (("magnitude", w.magnitude), ("bias", w.bias))
+            for what, fn in (("shape", lambda x: list(x.shape)), ("dtype", _dtype_name))
+        },
     }
+
+
+def _dtype_name(x: Any) -> str:
+    return jnp.dtype(x.dtype).name
 
 
 def describe(lora: Any, config: LoraConfig | None = None) -> dict[str, Any]:
@@ -161,6 +174,19 @@ def weights_from_record(record: Mapping[str, Any], arrays: Mapping[str, Any]) ->
                 f"shapes the metadata records (a={tuple(entry['a_shape'])}, "
                 f"b={tuple(entry['b_shape'])})."
             )
+        extras = {}
+        for name in ("magnitude", "bias"):
+            want = entry.get(f"{name}_shape")
+            if want is None:
+                continue
+            v = arrays.get(f"{path}/{name}")
+            if v is None or tuple(v.shape) != tuple(want):
+                found = "nothing" if v is None else f"shape {tuple(v.shape)}"
+                raise ValueError(
+                    f"{path}: the metadata records a {name} of shape {tuple(want)}; the "
+                    f"stored arrays hold {found}."
+                )
+            extras[name] = v
         adapters[path] = LoraWeights(
             a,
             b,
@@ -168,6 +194,7 @@ def weights_from_record(record: Mapping[str, Any], arrays: Mapping[str, Any]) ->
             scale=scale_of(entry),
             dropout=float(entry["dropout"]),
             residual_norm=entry["residual_norm"],
+            **extras,
         )
     return nest(adapters)
 
@@ -226,6 +253,14 @@ def check_target(record: Mapping[str, Any], adapters: Mapping[str, LoraWeights])
                 raise ValueError(
                     f"{path}: the checkpoint has {name} {want!r} but the target has {name} "
                     f"{found!r}. {_HINT}"
+                )
+        for name in ("magnitude", "bias"):
+            has = entry.get(f"{name}_shape") is not None
+            if has != (getattr(w, name) is not None):
+                where, other = ("checkpoint", "target") if has else ("target", "checkpoint")
+                raise ValueError(
+                    f"{path}: the {where} has a {name} (DoRA / lora_bias) but the {other} "
+                    f"has none. {_HINT}"
                 )
         if _norms_differ(entry["residual_norm"], w.residual_norm):
             raise ValueError(

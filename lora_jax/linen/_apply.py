@@ -97,7 +97,9 @@ def _injectable(apply_fn: Any, frozen: Any, adapters: Mapping[str, Any]) -> froz
         return frozenset()
     if not isinstance(frozen, Mapping) or has_packed(frozen):
         return frozenset()  # a packed kernel is unpacked where it is used: the rewrite
-    return frozenset(p for p in adapters if p.startswith("params/"))
+    # DoRA and lora_bias change the layer's output beyond an added term: the rewrite serves them
+    plain = (p for p, w in adapters.items() if w.magnitude is None and w.bias is None)
+    return frozenset(p for p in plain if p.startswith("params/"))
 
 
 def _as_layer(layer: Layout, adapter: Layout) -> bool:

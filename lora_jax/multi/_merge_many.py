@@ -34,6 +34,14 @@ def weighted_adapters(
     flats = flatten_loras(loras)
     for i, flat in enumerate(flats):
         for path, w in flat.items():
+            if w.magnitude is not None or w.bias is not None:
+                what = "DoRA" if w.magnitude is not None else "lora_bias"
+                raise ValueError(
+                    f"`loras[{i}]` at {path!r} is a {what} adapter; lj.multi stacks, merges and "
+                    f"combines plain LoRA adapters only (a {what} output is not a sum of "
+                    f"low-rank terms). Merge it alone with lj.merge, or serve it with "
+                    f"lj.lora_apply."
+                )
             if isinstance(w.scale, tuple):
                 raise TypeError(
                     f"`loras[{i}]` at {path!r} stacks {len(w.scale)} adapters "

@@ -49,8 +49,11 @@ def _pad_one(path: str, w: LoraWeights, rank: int, scale: float | None) -> LoraW
     pad_b[n_stack] = (0, extra)
     new_scale = w.scale if scale is None else scale
     factor = w.scale / new_scale
-    b = w.b if factor == 1.0 else w.b * jnp.asarray(factor, w.b.dtype)
-    return dataclasses.replace(w, a=jnp.pad(w.a, pad_a), b=jnp.pad(b, pad_b), scale=new_scale)
+    times = lambda x: x if x is None or factor == 1.0 else x * jnp.asarray(factor, x.dtype)
+    b, bias = times(w.b), times(w.bias)  # s·(x a) b and s·bias unchanged (DoRA's m is not scaled)
+    return dataclasses.replace(
+        w, a=jnp.pad(w.a, pad_a), b=jnp.pad(b, pad_b), scale=new_scale, bias=bias
+    )
 
 
 def pad_rank(lora: Any, rank: int, *, scale: float | None = None) -> dict[str, Any]:

@@ -179,6 +179,13 @@ def add_lora(
     check_single(adapters, "add_lora")
     check_fits(flatten(frozen), adapters)
     for path, w in adapters.items():
+        if w.magnitude is not None or w.bias is not None:
+            raise ValueError(
+                f"{path}: DoRA and lora_bias adapters run in the pure NNX form, not in place: "
+                f"graphdef, state = nnx.split(model); frozen, lora = lj.split(state, config, "
+                f"key=..., layouts=lj.nnx.infer_layouts(model)); then "
+                f"lj.nnx.lora_apply(graphdef)(frozen, lora, x)."
+            )
         if path not in found:
             raise _unsupported_error(path, _owner(model, path))
         if _axes(found[path][2]) != _axes(w.layout):

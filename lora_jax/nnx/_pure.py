@@ -54,7 +54,8 @@ def plan(model: Any, adapters: Mapping[str, LoraWeights]) -> dict[str, tuple | N
     out: dict[str, tuple | None] = {}
     for path, w in adapters.items():
         hit = found.get(path)
-        out[path] = hit[:2] if hit is not None and _same_axes(hit[2], w.layout) else None
+        plain = w.magnitude is None and w.bias is None  # DoRA, lora_bias: the rewrite
+        out[path] = hit[:2] if hit is not None and plain and _same_axes(hit[2], w.layout) else None
     return out
 
 

@@ -91,8 +91,9 @@ def loraplus(lr_ratio: float) -> optax.GradientTransformation:
 
     Chain it after the optimizer: ``optax.chain(optax.adamw(lr), lj.optim.loraplus(16.0))``
     trains ``b`` at ``16 · lr`` and ``a`` at ``lr``, with decoupled weight decay scaled the
-    same way, as in LoRA+ (Hayou et al., 2024). Stateless; works on a lora tree or a
-    combined tree.
+    same way, as in LoRA+ (Hayou et al., 2024). DoRA's magnitude and a lora_bias are scaled
+    like ``b``, as PEFT's ``create_loraplus_optimizer`` puts every 1-D adapter parameter in
+    ``b``'s group. Stateless; works on a lora tree or a combined tree.
 
     Args:
         lr_ratio: learning-rate multiplier for ``b``, > 0 (LoRA+ suggests about 16).
@@ -116,7 +117,12 @@ def loraplus(lr_ratio: float) -> optax.GradientTransformation:
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
-        scale_b = lambda x: x.replace(b=x.b * lr_ratio) if _is_lora(x) else x
+        times = lambda v: None if v is None else v * lr_ratio
+        scale_b = lambda x: (
+            x.replace(b=x.b * lr_ratio, magnitude=times(x.magnitude), bias=times(x.bias))
+            if _is_lora(x)
+            else x
+        )
         return jax.tree.map(scale_b, updates, is_leaf=_is_lora), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

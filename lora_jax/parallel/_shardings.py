@@ -126,7 +126,15 @@ def mesh_shardings(
     lora_specs = {}
     for path, w in flatten_lora(lora).items():
         a, b = _adapter_specs(spec_by_path.get(path, PartitionSpec()), w)
-        lora_specs[path] = dataclasses.replace(w, a=named(a), b=named(b))
+        n = len(w.layout.stack_axes)
+        per_out = named(PartitionSpec(*b[:n], *b[n + 1 :]))  # magnitude, bias: b without r
+        lora_specs[path] = dataclasses.replace(
+            w,
+            a=named(a),
+            b=named(b),
+            magnitude=None if w.magnitude is None else per_out,
+            bias=None if w.bias is None else per_out,
+        )
     return MeshShardings(
         frozen=jax.tree.map(named, frozen_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
         lora=jax.tree_util.tree_map_with_path(

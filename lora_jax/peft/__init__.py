@@ -43,11 +43,28 @@ Scales translate exactly: PEFT multiplies by ``lora_alpha / r`` (``/ sqrt(r)`` w
 false), lists every module by its full name in ``target_modules`` and puts a module's
 rank or alpha in ``rank_pattern``/``alpha_pattern`` (as an escaped full name) when it
 differs from the most common one; the import resolves PEFT's patterns with PEFT's own
-rule (``(.*\\.)?(key)$``, first key wins). What PEFT's format cannot say is an error,
-never a silent difference: a PiSSA adapter (its base is a residual), stacked adapters, a
-conv kernel, a kernel with no rule; on import, DoRA, bias training, ``modules_to_save``
-and other PEFT variants, and every key that PEFT would load with only a warning (no
-``base_model.model.`` prefix, a module the base lacks).
+rule (``(.*\\.)?(key)$``, first key wins).
+
+DoRA and ``lora_bias`` adapters (`LoraWeights.magnitude`, `LoraWeights.bias`) travel both
+ways as PEFT's ``use_dora: true`` / ``lora_bias: true`` with one vector per module,
+``<module>.lora_magnitude_vector`` ``(out,)`` (for an Embedding one value per embedding
+feature, the norm taken over the vocabulary) and ``<module>.lora_B.bias`` ``(out,)``
+(scaled by s with the low-rank path): flattened, split per fused part and unstacked per
+layer or slice as b's output is. One PEFT config holds one ``use_dora`` and one
+``lora_bias`` for all its modules, so an export with DoRA on some adapters only is
+refused (a module without a lora_bias is written with a zero one: the same output).
+
+What PEFT's format cannot say is an error, never a silent difference: a PiSSA adapter
+(its base is a residual), stacked adapters, a conv kernel, a kernel with no rule, DoRA on
+some adapters only, DoRA with lora_bias, lora_bias on an Embedding, DoRA or lora_bias
+with expert kernels (PEFT's ``target_parameters`` has neither); on import, bias training
+of the base (``bias`` other than ``"none"``), ``modules_to_save`` and other PEFT
+variants, and every key that PEFT would load with only a warning (no
+``base_model.model.`` prefix, a module the base lacks, a magnitude or lora_B bias missing
+where the config has ``use_dora`` / ``lora_bias``, or present where it has not).
+
+Trainable token rows (`lora_jax.tokens`, PEFT's ``trainable_token_indices``) travel with
+``tokens=`` both ways: ``<module>.token_adapter.trainable_tokens_delta`` ``(n, dim)``.
 
 ``safetensors`` is needed (``pip install safetensors``); PyTorch and PEFT are not.
 

@@ -17,6 +17,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lora_jax.peft._vectors import config_problems
+
 __all__ = [
     "CONFIG_FILE",
     "peft_alpha",
@@ -30,10 +32,9 @@ __all__ = [
 CONFIG_FILE = "adapter_config.json"
 # PEFT inits that subtract the initial adapter from the base weights.
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "lora_ga")
-# PEFT config entries that change the forward pass in ways a plain LoRA cannot express.
+# PEFT config entries that change the forward pass in ways our adapters cannot express
+# (``use_dora`` and ``lora_bias`` they can: `lora_jax.peft._vectors`).
 _VARIANTS = (
-    "use_dora",
-    "lora_bias",
     "use_qalora",
     "modules_to_save",
     "layer_replication",
@@ -108,12 +109,14 @@ def export_record(
         "layers_pattern": None,
         "init_lora_weights": True,
         "use_dora": False,
+        "lora_bias": False,
         "inference_mode": True,
     }
 
 
-def read_config(folder: pathlib.Path) -> dict[str, Any]:
-    """The folder's config, checked to be a plain PEFT LoRA (a ValueError otherwise)."""
+def read_config(folder: pathlib.Path, allowed: Iterable[str] = ()) -> dict[str, Any]:
+    """The folder's config, checked to be a plain PEFT LoRA (a ValueError otherwise); the
+    `allowed` variants are left to the caller (``trainable_token_indices``: `_tokens`)."""
     try:
         record = json.loads((folder / CONFIG_FILE).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -121,7 +124,7 @@ def read_config(folder: pathlib.Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("peft_type") != "LORA":
         found = record.get("peft_type") if isinstance(record, dict) else record
         raise ValueError(f"{folder / CONFIG_FILE}: peft_type must be 'LORA'; found {found!r}.")
-    used = [k for k in _VARIANTS if record.get(k)]
+    used = [k for k in _VARIANTS if record.get(k) and k not in set(allowed)]
     if record.get("bias", "none") != "none":
         used.append(f"bias={record['bias']!r}")
     init = str(record.get("init_lora_weights", True)).lower()
@@ -135,6 +138,9 @@ def read_config(folder: pathlib.Path) -> dict[str, Any]:
             f"{folder / CONFIG_FILE}: uses PEFT features a plain LoRA cannot express: "
             f"{', '.join(used)}."
         )
+    refused = config_problems(record)
+    if refused:
+        raise ValueError(f"{folder / CONFIG_FILE}: PEFT would not load {'; '.join(refused)}.")
     dropout = record.get("lora_dropout") or 0.0
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(

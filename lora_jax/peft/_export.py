@@ -28,6 +28,8 @@ from lora_jax.peft._tensors import (
     safetensors,
     torch_factors,
 )
+from lora_jax.peft._tokens import TOKENS_KEY, export_tokens
+from lora_jax.peft._vectors import export_flags, vector_tensors
 
 __all__ = ["export_adapter"]
 
@@ -152,6 +154,7 @@ def export_adapter(
     module_map: ModuleMap,
     base_model_name_or_path: str | None = None,
     task_type: str | None = "CAUSAL_LM",
+    tokens: Any = None,
 ) -> None:
     """Writes the adapters as a PEFT LoRA folder that ``peft.PeftModel.from_pretrained`` loads.
 
@@ -171,7 +174,10 @@ def export_adapter(
     ``.lora_embedding_B`` ``(dim, r)``; an expert stack of a ``"parameter"`` rule is listed
     in ``target_parameters`` and saved as PEFT's nested ``ParamWrapper`` s save it,
     ``lora_A.weight`` ``(E*r, in)`` and ``lora_B.weight`` ``(out, r*E)``, under its module's
-    name plus one ``.base_layer`` per later-registered parameter of that module), each
+    name plus one ``.base_layer`` per later-registered parameter of that module; DoRA
+    adapters with ``use_dora: true`` and ``<module>.lora_magnitude_vector`` ``(out,)``,
+    lora_bias ones with ``lora_bias: true`` and ``<module>.lora_B.bias`` ``(out,)``, a
+    zero bias for an adapter without one), each
     through a temporary file, then reads both back
     and checks every tensor landed with its name, dtype, shape and bytes. Other files in the
     folder are left alone. The adapters keep their dtype.
@@ -184,6 +190,9 @@ def export_adapter(
         base_model_name_or_path: stored in the config for PEFT (the base's hub name or
             folder); None leaves it empty, and the base model is then passed by hand.
         task_type: PEFT's task type (``"CAUSAL_LM"``, ...); None for a plain ``PeftModel``.
+        tokens: trainable token rows (`lora_jax.tokens.select`), written as PEFT's
+            ``trainable_token_indices`` ``{module: indices}`` and
+            ``<module>.token_adapter.trainable_tokens_delta`` ``(n, dim)``; None for none.
 
     Raises:
         ValueError: something PEFT's format cannot express: an empty `lora`, an adapted
@@ -192,9 +201,13 @@ def export_adapter(
             frozen base is a residual, so the adapter alone does not describe the change;
             export merged weights instead), a `ModuleRule` ``names`` whose length is not its
             axis's size, expert adapters with dropout (PEFT's ``ParamWrapper`` refuses
-            ``lora_dropout``), or several parameters of one module without
-            ``parameter_order``.
-        TypeError: `lora` holds something other than `LoraWeights`.
+            ``lora_dropout``), several parameters of one module without
+            ``parameter_order``, DoRA on some adapters only (PEFT has one ``use_dora``
+            per config), an adapter with both a magnitude and a bias, lora_bias beside an
+            Embedding adapter, or DoRA / lora_bias with a ``"parameter"`` rule; token
+            rows with no rule, on the wrong axis for their module, or on a path that also
+            has an adapter.
+        TypeError: `lora` holds something other than `LoraWeights` (`tokens`: `TokenRows`).
         ImportError: ``safetensors`` is not installed.
         OSError: the files read back differ from what was written.
 
@@ -215,11 +228,17 @@ def export_adapter(
     adapters = flatten_lora(lora)
     _check_exportable(adapters)
     slots = _export_slots(adapters, module_map)
+    flags = export_flags(slots)  # use_dora, lora_bias
     tensors, settings = _export_tensors(slots)
+    tensors.update(vector_tensors(slots, flags))
     dropouts = [w.dropout for w in adapters.values()]
     params = [name for name, (slot, _) in slots.items() if slot.kind == "parameter"]
     record = export_record(settings, dropouts, base_model_name_or_path, task_type, params)
+    record.update(flags)
     _check_parameter_dropout(slots, record["lora_dropout"])
+    if tokens is not None:
+        record[TOKENS_KEY], token_tensors = export_tokens(tokens, adapters, module_map)
+        tensors.update(token_tensors)
     st = safetensors()
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,8 @@ from lora_jax.peft._tensors import (
     torch_shapes,
     torch_weight,
 )
+from lora_jax.peft._tokens import TOKENS_KEY, import_tokens, split_tokens
+from lora_jax.peft._vectors import vector_problems, with_vectors
 
 __all__ = ["import_adapter"]
 
@@ -104,7 +106,7 @@ def _module_factors(
     out, problems = {}, []
     for name, pair in groups.items():
         slot = modules[name]
-        if set(pair) != {"A", "B"}:
+        if not {"A", "B"} <= set(pair):
             problems.append(f"{name}: only {sorted(pair)} in the file")
             continue
         if slot.kind != "parameter" and not targeted(record, name):
@@ -115,6 +117,10 @@ def _module_factors(
         found = (pair["A"].shape, pair["B"].shape)
         if found != want:
             problems.append(f"{name}: A, B have shapes {found}; r={r} and the base need {want}")
+            continue
+        vectors = vector_problems(record, name, slot, pair)
+        if vectors:
+            problems.extend(vectors)
             continue
         out[name] = (pair["A"], pair["B"], r, alpha, scale)
     if problems:
@@ -198,20 +204,27 @@ def import_adapter(
     layouts: Mapping[str, Layout] | None = None,
     dtype: Any = jnp.float32,
     verify: bool = True,
-) -> dict[str, Any]:
+    tokens: bool = False,
+) -> Any:
     """Reads a PEFT LoRA folder onto a Flax base: adapters ready for `lora_jax.lora_apply`.
 
     Every tensor key must be ``base_model.model.<module>.<lora_A.weight | lora_B.weight |
-    lora_embedding_A | lora_embedding_B>`` for a module that `module_map` makes of a kernel
-    of `frozen`, with the shapes PEFT's config gives it (``rank_pattern``/``alpha_pattern``
-    resolved with PEFT's own rule); the experts of a ``"parameter"`` rule are read from the
-    keys PEFT's nested ``ParamWrapper`` s save for the config's ``target_parameters``.
+    lora_embedding_A | lora_embedding_B>`` (and ``lora_magnitude_vector`` with
+    ``use_dora``, ``lora_B.bias`` with ``lora_bias``, one for every module) for a module
+    that `module_map` makes of a kernel of `frozen`, with the shapes PEFT's config gives
+    it (``rank_pattern``/``alpha_pattern`` resolved with PEFT's own rule); the experts of
+    a ``"parameter"`` rule are read from the keys PEFT's nested ``ParamWrapper`` s save
+    for the config's ``target_parameters``.
     Stacked layers and per-slice modules are stacked back, the modules of a fused kernel
     joined (they must share A, r and alpha; a missing part gets B = 0). Base weights
     PEFT saved beside targeted embeddings are accepted only when equal to `frozen`'s.
 
     Each adapter carries the scale PEFT computes for its modules, ``lora_alpha / r``
-    (``lora_alpha / sqrt(r)`` with ``use_rslora``), and ``dropout = lora_dropout``.
+    (``lora_alpha / sqrt(r)`` with ``use_rslora``), and ``dropout = lora_dropout``; DoRA
+    magnitudes and lora_B biases come back as `LoraWeights.magnitude` / `LoraWeights.bias`
+    (a bias times ``s_module / s_kept`` where a scanned kernel keeps another layer's
+    scale; where a kernel has no module in the file, a zero bias and the magnitude
+    ``‖W + s·a@b‖``, the base's output).
 
     Args:
         path: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
@@ -223,21 +236,27 @@ def import_adapter(
         dtype: dtype of the adapter weights; float32 (as PEFT loads them) by default.
         verify: check each tensor against the SHA-256 digest `export_adapter` records in
             the file's header metadata (files PEFT wrote have none: not checked).
+        tokens: also read PEFT's ``trainable_token_indices`` rows (`lora_jax.tokens`),
+            in `dtype`; without it a folder that has them is an error.
 
     Returns:
         Nested adapters (`LoraWeights` leaves) like `lora_jax.split` makes, one per kernel
-        the file adapts.
+        the file adapts; with `tokens`, ``(lora, rows)``, rows ``{path: TokenRows}``.
 
     Raises:
-        ValueError: a file is missing or not a PEFT LoRA; the config uses DoRA, bias
-            training, ``modules_to_save``, a residual init (PiSSA, OLoRA, CorDA, LoRA-GA)
-            or another variant, a ``lora_dropout`` outside [0, 1) (or any, with
-            ``target_parameters``, which PEFT refuses to load); keys lack the
-            ``base_model.model.`` prefix or name no module of the base (all listed); shapes
-            that do not fit the config or the base; modules fused into one kernel slice
-            with different ranks, alphas or A's (layers of a scanned kernel may differ:
-            they are padded to the largest rank); saved base weights that differ; a
-            damaged weights file (unreadable, or a tensor whose digest differs).
+        ValueError: a file is missing or not a PEFT LoRA; the config uses training of the
+            base's biases, ``modules_to_save``, a residual init (PiSSA, OLoRA, CorDA,
+            LoRA-GA) or another variant, DoRA with lora_bias (or either with
+            ``target_parameters``: PEFT refuses both), a ``lora_dropout`` outside [0, 1)
+            (or any, with ``target_parameters``, which PEFT refuses to load); keys lack
+            the ``base_model.model.`` prefix or name no module of the base (all listed);
+            shapes that do not fit the config or the base; a magnitude or lora_B bias
+            missing or unexpected for the config's ``use_dora`` / ``lora_bias``, or
+            lora_bias on an Embedding (PEFT refuses it); modules fused into one kernel
+            slice with different ranks, alphas or A's (layers of a scanned kernel may
+            differ: they are padded to the largest rank); saved base weights that differ;
+            a damaged weights file (unreadable, or a tensor whose digest differs); token
+            rows without `tokens`, or that name no table of the base or do not fit it.
         TypeError: `dtype` is not a floating dtype.
         ImportError: ``safetensors`` is not installed.
 
@@ -259,8 +278,8 @@ def import_adapter(
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise ValueError(f"{folder}: no {name}; a PEFT LoRA adapter folder holds both files.")
-    record = read_config(folder)
-    tensors = read_tensors(folder, verify)
+    record = read_config(folder, allowed=(TOKENS_KEY,))
+    tensors, token_tensors = split_tokens(record, read_tensors(folder, verify), tokens)
     flat = flatten(frozen)
     modules, unsupported = _universe(flat, module_map, layouts or {})
     groups, bases = _file_groups(record, tensors, modules, unsupported)
@@ -268,5 +287,10 @@ def import_adapter(
     factors = _module_factors(record, groups, modules)
     dropout = float(record.get("lora_dropout") or 0.0)
     adapters = _assemble(factors, modules, dropout, dtype)
+    scales = {name: f[4] for name, f in factors.items()}
+    adapters = with_vectors(adapters, groups, modules, scales, flat, dtype)
     check_fits(flat, adapters)
-    return nest(adapters)
+    if not tokens:
+        return nest(adapters)
+    rows = import_tokens(record, token_tensors, flat, module_map, layouts or {}, dtype, adapters)
+    return nest(adapters), rows

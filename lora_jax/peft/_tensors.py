@@ -4,7 +4,8 @@ Keys are ``base_model.model.<module>.<suffix>``; a Linear's ``lora_A.weight`` is
 ``(r, in)`` and ``lora_B.weight`` is ``b.T`` ``(out, r)``; an Embedding's
 ``lora_embedding_A`` is ``(r, vocab)`` and ``lora_embedding_B`` ``(dim, r)``. Multi-axis
 kernels are flattened row-major in the layout's axis order, fused ones sliced along their
-flattened output (see `lora_jax.peft.ModuleMap`).
+flattened output (see `lora_jax.peft.ModuleMap`). DoRA's ``lora_magnitude_vector`` and
+lora_bias's ``lora_B.bias`` ``(out,)`` sit beside them (`lora_jax.peft._vectors`).
 
 An expert stack (PEFT's ``target_parameters``, `ParamWrapper` in
 ``peft/tuners/lora/layer.py``) keeps one rank-r pair per expert e in two Linears:
@@ -33,6 +34,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "PREFIX",
     "SUFFIX",
+    "VECTOR_SUFFIX",
     "safetensors",
     "torch_factors",
     "flax_blocks",
@@ -50,8 +52,12 @@ DIGESTS = "lora_jax.sha256"
 PREFIX = "base_model.model."
 _KEY = re.compile(
     r"(?P<module>.+)\.(?P<suffix>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
-    r"|base_layer\.weight)"
+    r"|lora_magnitude_vector|lora_B\.bias|base_layer\.weight)"
 )
+# ``{LoraWeights field: key suffix}`` of the vectors of one value per output feature: DoRA's
+# magnitude (any module kind) and lora_bias (``lora_B``'s bias); see `lora_jax.peft._vectors`.
+VECTOR_SUFFIX = {"magnitude": "lora_magnitude_vector", "bias": "lora_B.bias"}
+_VECTOR = {suffix: field for field, suffix in VECTOR_SUFFIX.items()}
 SUFFIX = {
     ("linear", "A"): "lora_A.weight",
     ("linear", "B"): "lora_B.weight",
@@ -165,6 +171,8 @@ def group_tensors(
             bad["module"].append(key)
         elif hit["suffix"] == "base_layer.weight":
             bases[hit["module"]] = tensors[key]
+        elif hit["suffix"] in _VECTOR:  # checked against the config by `_vectors`
+            groups.setdefault(hit["module"], {})[_VECTOR[hit["suffix"]]] = tensors[key]
         elif _FACTOR[hit["suffix"]][0] != _file_kind(modules[hit["module"]].kind):
             bad["kind"].append(f"{key} (the module is {modules[hit['module']].kind})")
         else:
@@ -186,7 +194,7 @@ def _unmatched_message(
 ) -> str:
     titles = {
         "prefix": f"keys without the {PREFIX!r} prefix",
-        "unknown": "keys that are not LoRA A/B tensors (DoRA, biases, full weights?)",
+        "unknown": "keys that are not LoRA tensors (another PEFT method? full weights?)",
         "module": "keys naming no module of the base (through `module_map`)",
         "kind": "keys of the wrong kind for their module (lora_A vs lora_embedding_A)",
     }

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.core._config import LoraConfig, require_config
+from lora_jax.core._dora import weight_norm
 from lora_jax.core._init import path_key
 from lora_jax.core._layout import Layout
 from lora_jax.core._paths import flatten, nest, replace
@@ -243,7 +244,9 @@ def loftq(
             exact=exact_svd,
         )
         bases[path] = q
-        factors[path] = dataclasses.replace(
-            weights, a=a.astype(weights.a.dtype), b=b.astype(weights.b.dtype)
-        )
+        new = dataclasses.replace(weights, a=a.astype(weights.a.dtype), b=b.astype(weights.b.dtype))
+        if new.magnitude is not None:  # DoRA: start at Q + s·a@b, the model LoftQ starts from
+            norm = weight_norm(q.dequantize(), new.a, new.b, new.layout, float(new.scale))  # type: ignore[arg-type]
+            new = dataclasses.replace(new, magnitude=norm.astype(new.magnitude.dtype))
+        factors[path] = new
     return replace(frozen, bases), nest(factors)

@@ -3,6 +3,7 @@ on N simulated devices. Prints one JSON line.
 
     python -m train.bench.child memory --preset medium --variant full|lora-qv|lora-all-linear
     python -m train.bench.child memory --preset medium --variant qlora-nf4
+    python -m train.bench.child memory --preset medium --variant dora-all-linear
     python -m train.bench.child scaling --preset medium --devices 4
 
 Peak memory is a property of a whole process, and the device count must be set before JAX
@@ -49,7 +50,7 @@ def memory(preset: str, variant: str, steps: int) -> dict[str, Any]:
     peak before the model existed (after importing JAX, the library and the benchmark)."""
     import jax.numpy as jnp
 
-    from train.bench.steps import ALL_LINEAR, QV, full_runner, lora_runner
+    from train.bench.steps import ALL_LINEAR, DORA_ROUTE, QV, full_runner, lora_runner
 
     jnp.ones(()).block_until_ready()  # the runtime is up
     baseline = peak_rss()
@@ -58,6 +59,10 @@ def memory(preset: str, variant: str, steps: int) -> dict[str, Any]:
     model, variables, ids = _model(preset)
     if variant == "full":
         runner = full_runner(model, variables, ids)
+    elif variant == "dora-all-linear":
+        runner = lora_runner(
+            variant, model, variables, ids, ALL_LINEAR, route=DORA_ROUTE, dora=True
+        )
     else:
         targets = {"lora-qv": QV, "lora-all-linear": ALL_LINEAR}[variant]
         runner = lora_runner(variant, model, variables, ids, targets)

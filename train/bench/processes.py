@@ -10,6 +10,7 @@ from typing import Any
 
 MEMORY_VARIANTS = ("full", "lora-qv", "lora-all-linear")
 QLORA_MEMORY_VARIANTS = ("lora-all-linear", "qlora-nf4")
+DORA_MEMORY_VARIANTS = ("lora-all-linear", "dora-all-linear")
 DEVICE_COUNTS = (1, 2, 4)
 
 

@@ -28,6 +28,7 @@ CUSTOM_QV = r".*/attn/(query|value)"  # `CustomGPT`'s raw params have no `/kerne
 CUSTOM_ALL_LINEAR = r".*/(attn/(query|key|value|out)|mlp/(up|down))"
 STOCK_ROUTE = "factored (Dense)"  # the route every adapter must take in each model
 CUSTOM_ROUTE = "factored (dot_general)"
+DORA_ROUTE = "factored (dot_general, DoRA)"  # DoRA adapters run through the rewrite
 
 
 def _bytes(tree) -> int:
@@ -88,10 +89,11 @@ def lora_runner(
     route: str = STOCK_ROUTE,
     layouts: dict[str, lj.Layout] | None = None,
     merged: bool = False,
+    dora: bool = False,
 ) -> Runner:
     """A LoRA step on `targets`: through `lj.lora_apply` (checked to take `route`), or
-    through `lj.merge` with `merged`."""
-    config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=targets)
+    through `lj.merge` with `merged`; DoRA adapters with `dora`."""
+    config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=targets, use_dora=dora)
     frozen, lora = lj.split(variables, config, key=jax.random.key(1), layouts=layouts)
     apply = lj.lora_apply(model.apply)
     if not merged:
