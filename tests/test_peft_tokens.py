@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import test_peft as tp
 
 import lora_jax as lj
 from train.models import Llama, from_pretrained
@@ -29,15 +30,7 @@ torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
-SIZES = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+SIZES = tp.SIZES
 RNG = np.random.default_rng(0)
 IDX, HEAD_IDX = [5, 77, 3, 120], [9, 77]
 INPUTS = [RNG.integers(0, 128, (2, 9)) for _ in range(2)]
@@ -69,13 +62,8 @@ def base(request, tmp_path_factory):
     return folder, config, variables, layouts
 
 
-def _torch(folder: pathlib.Path):
-    load = transformers.AutoModelForCausalLM.from_pretrained
-    return load(folder, dtype=torch.float32, attn_implementation="eager").eval()
-
-
 def _peft_logits(folder: pathlib.Path, adapter: pathlib.Path) -> list[np.ndarray]:
-    model = peft.PeftModel.from_pretrained(_torch(folder), adapter).eval()
+    model = peft.PeftModel.from_pretrained(tp._torch(folder), adapter).eval()
     with torch.no_grad():
         return [model(torch.from_numpy(ids)).logits.numpy() for ids in INPUTS]
 
@@ -182,7 +170,7 @@ def _peft_saved(folder, tmp_path, tokens) -> pathlib.Path:
         trainable_token_indices=tokens,
         init_lora_weights=False,
     )
-    model = peft.get_peft_model(_torch(folder), hf)
+    model = peft.get_peft_model(tp._torch(folder), hf)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():

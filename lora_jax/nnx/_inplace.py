@@ -22,13 +22,15 @@ from lora_jax.core._init import check_key
 from lora_jax.core._layout import Layout
 from lora_jax.core._paths import flatten, nest
 from lora_jax.core._split import split
-from lora_jax.core._weights import LoraWeights, check_fits, delta, flatten_lora
+from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora
+from lora_jax.nnx._decomposed import merge_into
 from lora_jax.nnx._layers import (
     adapted_modules,
     adapter_of,
     attach,
     check_single,
     detach,
+    layer_class,
     layers,
     original_class,
     path_name,
@@ -123,7 +125,9 @@ def add_lora(
     ``layers/0/attn/q/kernel``, with the same rules and errors as `lora_jax.split`. Each
     targeted layer gets ``lora_a`` ``(*in, rank)`` and ``lora_b`` ``(rank, *out)`` and, when
     called, adds ``s·((dropout(x) @ a) @ b)`` to its untouched output: ``W + a@b`` is never
-    formed. With ``b = 0`` at init the model's outputs are unchanged, bit for bit.
+    formed. With ``b = 0`` at init the model's outputs are unchanged, bit for bit. A DoRA
+    or lora_bias config adds ``lora_magnitude`` / ``lora_bias`` LoRAParams too, computed
+    as in `lora_jax.LoraConfig` (not on an ``nnx.Einsum``: the pure form serves those).
     `model.eval()` turns LoRA dropout off, `model.train()` on.
 
     Args:
@@ -179,9 +183,11 @@ def add_lora(
     check_single(adapters, "add_lora")
     check_fits(flatten(frozen), adapters)
     for path, w in adapters.items():
-        if w.magnitude is not None or w.bias is not None:
+        einsum = path in found and layer_class(original_class(found[path][0])) is nnx.Einsum
+        if (w.magnitude is not None or w.bias is not None) and einsum:
             raise ValueError(
-                f"{path}: DoRA and lora_bias adapters run in the pure NNX form, not in place: "
+                f"{path}: DoRA and lora_bias adapters of an nnx.Einsum run in the pure NNX "
+                f"form, not in place (its output features need not be the trailing axes): "
                 f"graphdef, state = nnx.split(model); frozen, lora = lj.split(state, config, "
                 f"key=..., layouts=lj.nnx.infer_layouts(model)); then "
                 f"lj.nnx.lora_apply(graphdef)(frozen, lora, x)."
@@ -267,9 +273,7 @@ def remove_lora(model: nnx.Module, *, merge: bool = False) -> nnx.Module:
     check_module(model, "remove_lora")
     for _, module in list(adapted_modules(model)):
         if merge:
-            kernel = getattr(module, module.lora_target)
-            value = kernel.get_value()
-            kernel.set_value(value + delta(adapter_of(module), value.dtype))
+            merge_into(module, adapter_of(module))
         detach(module)
     return model
 

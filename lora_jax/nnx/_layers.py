@@ -4,9 +4,10 @@ For `nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum`, `nnx.Embed` (lookup and ``a
 and `nnx.Conv`, `kernel_layout` reads the adapted parameter's name and `Layout` from the
 module's attributes (no call needed), and `call_delta` picks the entry of the one kernel
 table (`lora_jax.core._kernels`, shared with linen) for a call: this module holds no math
-of its own. `attach` gives a layer its adapter in place (two `nnx.LoRAParam`s and the
-adapter's scale and dropout rate, read back by `adapter_of`) and makes it ``Lora<Layer>``,
-whose call adds ``s·((dropout(x) @ a) @ b)`` to the layer's untouched output. A subclass
+of its own. `attach` gives a layer its adapter in place (two `nnx.LoRAParam`s, a third for DoRA's
+magnitude or a lora_bias, and the adapter's scale and dropout rate, read back by
+`adapter_of`) and makes it ``Lora<Layer>``, whose call adds ``s·((dropout(x) @ a) @ b)``
+to the layer's untouched output (DoRA rescales it: `lora_jax.nnx._decomposed`). A subclass
 that overrides a call method is not supported: its computation is unknown.
 """
 
@@ -25,6 +26,7 @@ from jax import lax
 from lora_jax.core._kernels import Delta, LowRank, conv_of, dense, einsum, embed
 from lora_jax.core._layout import Layout
 from lora_jax.core._weights import LoraWeights
+from lora_jax.nnx._decomposed import finish, gain
 
 __all__ = [
     "adapted_modules",
@@ -138,34 +140,55 @@ class _LoraLayer(nnx.Module):
     lora_scale: float
     lora_dropout: float
     lora_residual_norm: float | None
+    lora_magnitude: nnx.LoRAParam | None
+    lora_bias: nnx.LoRAParam | None
     lora_rngs: nnx.RngStream | None
     deterministic: bool
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         y = super().__call__(*args, **kwargs)
-        return self._lora_add("__call__", y, args, kwargs)
+        return self._lora_add("__call__", y, args, kwargs, self._lora_base_call(args, kwargs))
 
-    def _lora_add(self, method: str, y: Any, args: tuple, kwargs: dict) -> Any:
+    def _lora_base_call(self, args: tuple, kwargs: dict) -> Any:
+        """The layer's own call on another input (DoRA under dropout runs it on x')."""
+        call = super().__call__
+        if args:
+            return lambda x: call(x, *args[1:], **kwargs)
+        return lambda x: call(**{**kwargs, "inputs": x})
+
+    def _lora_add(self, method: str, y: Any, args: tuple, kwargs: dict, base: Any) -> Any:
         counts = LAYER_CALLS.get()
         if counts is not None:
             counts[id(self)] = counts.get(id(self), 0) + 1
         x, update = call_delta(self, method, self.lora_layout, args, kwargs)
+        dropped = x
         if jnp.issubdtype(x.dtype, jnp.floating):
-            x = x.astype(y.dtype)
+            x = dropped = x.astype(y.dtype)
             rate = self.lora_dropout
             if rate > 0.0 and not self.deterministic and self.lora_rngs is not None:
                 keep = jax.random.bernoulli(self.lora_rngs(), 1.0 - rate, x.shape)
-                x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+                dropped = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
         a, b = self.lora_a.get_value().astype(y.dtype), self.lora_b.get_value().astype(y.dtype)
-        return y + update(x, a, b, self.lora_scale).astype(y.dtype)
+        term = update(dropped, a, b, self.lora_scale)
+        if method == "attend":  # DoRA's gain is already on the query
+            return y + term.astype(y.dtype)
+        return finish(self, y, x, dropped, term, base)
 
 
 class _LoraEmbedLayer(_LoraLayer):
     """`_LoraLayer` for `nnx.Embed`: the lookup and ``attend`` both carry the update."""
 
     def attend(self, *args: Any, **kwargs: Any) -> Any:
+        if self.lora_bias is not None:
+            raise ValueError(
+                "an Embed adapter with lora_bias cannot serve `attend` (the bias would be on "
+                "the contracted axis); train the table without lora_bias."
+            )
+        if self.lora_magnitude is not None:  # DoRA's gain scales the contracted axis
+            query = args[0] if args else kwargs.pop("query")
+            args = ((query * gain(self)).astype(query.dtype), *args[1:])
         y = super().attend(*args, **kwargs)  # type: ignore[misc]
-        return self._lora_add("attend", y, args, kwargs)
+        return self._lora_add("attend", y, args, kwargs, None)
 
 
 _LORA_CLASSES: dict[type, type] = {}
@@ -177,6 +200,8 @@ _ATTRIBUTES = (
     "lora_scale",
     "lora_dropout",
     "lora_residual_norm",
+    "lora_magnitude",
+    "lora_bias",
     "lora_rngs",
     "deterministic",
 )
@@ -207,6 +232,9 @@ def attach(module: Any, w: LoraWeights, target: str, rate: float, rngs: Any) -> 
     module.lora_scale = float(w.scale)  # type: ignore[arg-type]  # one adapter: checked
     module.lora_dropout = float(rate)
     module.lora_residual_norm = w.residual_norm
+    optional = lambda v: None if v is None else nnx.LoRAParam(v)
+    module.lora_magnitude = optional(w.magnitude)
+    module.lora_bias = optional(w.bias)
     module.lora_rngs = rngs if rate > 0.0 else None
     module.deterministic = False
 
@@ -228,6 +256,8 @@ def adapter_of(module: Any) -> LoraWeights:
         scale=module.lora_scale,
         dropout=module.lora_dropout,
         residual_norm=module.lora_residual_norm,
+        magnitude=None if module.lora_magnitude is None else module.lora_magnitude.get_value(),
+        bias=None if module.lora_bias is None else module.lora_bias.get_value(),
     )
 
 

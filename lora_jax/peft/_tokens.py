@@ -23,11 +23,11 @@ import numpy as np
 
 from lora_jax.core._layout import Layout
 from lora_jax.core._packed import is_packed
-from lora_jax.core._paths import close_matches, flatten, nest
+from lora_jax.core._paths import close_matches, nest
 from lora_jax.peft._module_map import ModuleMap
 from lora_jax.peft._slots import Slot, listing, module_slots
 from lora_jax.peft._tensors import PREFIX
-from lora_jax.tokens._rows import TokenRows
+from lora_jax.tokens._rows import TokenRows, flat_rows
 
 __all__ = ["TOKENS_KEY", "export_tokens", "split_tokens", "import_tokens"]
 
@@ -50,21 +50,13 @@ def _one_module(module_map: ModuleMap, path: str, shape: tuple[int, ...], layout
     return (name, slot) if slot.kind in _AXIS else None
 
 
-def _flat_rows(rows: Any) -> dict[str, TokenRows]:
-    flat = flatten(rows, is_leaf=lambda x: isinstance(x, TokenRows))
-    bad = {p: type(x).__name__ for p, x in flat.items() if not isinstance(x, TokenRows)}
-    if bad:
-        raise TypeError(f"`tokens` must hold only TokenRows (lj.tokens.select); found {bad}.")
-    return flat
-
-
 def export_tokens(
     rows: Any, lora_paths: Any, module_map: ModuleMap
 ) -> tuple[dict[str, list[int]], dict[str, np.ndarray]]:
     """The config entry ``{module: indices}`` and the tensors of the rows, by PEFT key."""
     entry: dict[str, list[int]] = {}
     tensors: dict[str, np.ndarray] = {}
-    flat = _flat_rows(rows)
+    flat = flat_rows(rows, "tokens")
     if not flat:
         raise ValueError("`tokens` holds no TokenRows; pass None to export no token rows.")
     for path, r in flat.items():

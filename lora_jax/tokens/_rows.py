@@ -194,11 +194,13 @@ def _put(table: Any, rows: TokenRows) -> jax.Array:
     return base.at[:, idx].set(values.T, unique_indices=True)
 
 
-def _flat_rows(rows: Any) -> dict[str, TokenRows]:
+def flat_rows(rows: Any, name: str = "rows") -> dict[str, TokenRows]:
+    """``{path: TokenRows}`` of a rows tree; a TypeError naming the argument `name` for
+    anything else in it."""
     flat = flatten(rows, is_leaf=lambda x: isinstance(x, TokenRows))
     bad = {p: type(x).__name__ for p, x in flat.items() if not isinstance(x, TokenRows)}
     if bad:
-        raise TypeError(f"`rows` must hold only TokenRows (from lj.tokens.select); found {bad}.")
+        raise TypeError(f"`{name}` must hold only TokenRows (from lj.tokens.select); found {bad}.")
     return flat
 
 
@@ -237,10 +239,10 @@ def apply(frozen: Any, rows: Any) -> Any:
         >>> jax.grad(loss)(rows)["params"]["embed"]["embedding"].values.tolist()
         [[2.0, 2.0]]
     """
-    flat_rows = _flat_rows(rows)
+    chosen = flat_rows(rows)
     flat = flatten(frozen)
     new = {}
-    for path, r in flat_rows.items():
+    for path, r in chosen.items():
         vocab, dim = _table(flat, path, r.axis)
         _check_range(path, r.indices, vocab, r.axis)
         want = (len(r.indices), dim)
