@@ -2,8 +2,8 @@
 
 `Llama` is the module, `LlamaConfig` its static description, `init_cache` the KV cache for
 sampling; `from_pretrained` / `save_pretrained` read and write HuggingFace folders
-(``config.json`` + safetensors) of ``LlamaForCausalLM``, ``MistralForCausalLM`` and
-``Qwen2ForCausalLM`` checkpoints.
+(``config.json`` + safetensors) of ``LlamaForCausalLM``, ``MistralForCausalLM``,
+``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` and ``Qwen3MoeForCausalLM`` checkpoints.
 """
 
 from train.models.config import PRESETS, LlamaConfig

@@ -75,6 +75,44 @@ def _freeze_rope_scaling(value: Any) -> RopeScaling | None:
     return (("rope_type", "llama3"), *sorted(pairs))
 
 
+def _check_experts(c: LlamaConfig) -> None:
+    """Validates the mixture-of-experts fields and freezes `mlp_only_layers` to a tuple."""
+    if not isinstance(c.norm_topk_prob, bool):
+        raise ValueError(f"LlamaConfig.norm_topk_prob must be a bool; found {c.norm_topk_prob!r}.")
+    if isinstance(c.num_experts, bool) or not isinstance(c.num_experts, int | np.integer):
+        raise ValueError(f"LlamaConfig.num_experts must be an int >= 0; found {c.num_experts!r}.")
+    if c.num_experts < 0:
+        raise ValueError(f"LlamaConfig.num_experts must be an int >= 0; found {c.num_experts!r}.")
+    for name in ("num_experts_per_tok", "decoder_sparse_step"):
+        _positive_int(name, getattr(c, name))
+    try:
+        layers = tuple(sorted({int(i) for i in c.mlp_only_layers}))
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"LlamaConfig.mlp_only_layers must be layer indices; found {c.mlp_only_layers!r}."
+        ) from err
+    if any(not 0 <= i < c.num_layers for i in layers):
+        raise ValueError(
+            f"LlamaConfig.mlp_only_layers must be in [0, {c.num_layers}); found {list(layers)}."
+        )
+    object.__setattr__(c, "mlp_only_layers", layers)
+    if not c.num_experts:
+        return
+    _positive_int("moe_intermediate_size", c.moe_intermediate_size)
+    if c.num_experts_per_tok > c.num_experts:
+        raise ValueError(
+            f"LlamaConfig.num_experts_per_tok ({c.num_experts_per_tok}) exceeds num_experts "
+            f"({c.num_experts})."
+        )
+    kinds = {c.is_sparse_layer(i) for i in range(c.num_layers)}
+    if c.scan_layers and len(kinds) > 1:
+        raise ValueError(
+            "LlamaConfig.scan_layers needs every layer alike; mlp_only_layers "
+            f"{list(layers)} and decoder_sparse_step {c.decoder_sparse_step} mix dense and "
+            "sparse MLP layers. Load it with scan_layers=False."
+        )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
     """The architecture of a Llama-family decoder: static and hashable (safe under `jax.jit`).
@@ -97,6 +135,17 @@ class LlamaConfig:
         attention_bias: a bias on q/k/v (Qwen2); never on o_proj.
         tie_embeddings: the output head is the transposed embedding (no ``lm_head``).
         sliding_window: each query sees only the last `sliding_window` positions (Mistral).
+        qk_norm: an RMSNorm over ``head_dim`` on each query and key head before the rotary
+            embedding (Qwen3's ``q_norm`` / ``k_norm``).
+        num_experts: 0 for a dense MLP in every layer; else the number of routed experts of
+            the sparse MLP layers (Qwen3-MoE: a softmax router, top `num_experts_per_tok`).
+        num_experts_per_tok: experts each token is routed to.
+        moe_intermediate_size: width of one expert's SwiGLU; `intermediate_size` stays the
+            width of the dense MLP layers.
+        norm_topk_prob: the top-k routing weights are renormalised to sum to 1.
+        decoder_sparse_step: layer ``i`` is sparse when ``(i + 1) % decoder_sparse_step == 0``
+            and ``i`` is not in `mlp_only_layers`.
+        mlp_only_layers: layers that keep the dense MLP (stored as a sorted tuple).
         scan_layers: the layers are one `nn.scan` (params under ``layers/`` with a leading
             layer axis) instead of ``layers_0`` ... ``layers_{n-1}``.
         dtype: compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
@@ -124,6 +173,13 @@ class LlamaConfig:
     attention_bias: bool = False
     tie_embeddings: bool = False
     sliding_window: int | None = None
+    qk_norm: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     scan_layers: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -153,14 +209,30 @@ class LlamaConfig:
             _positive_int("sliding_window", self.sliding_window)
         _positive_number("rope_theta", self.rope_theta)
         _positive_number("rms_norm_eps", self.rms_norm_eps)
-        for name in ("attention_bias", "tie_embeddings", "scan_layers"):
+        for name in ("attention_bias", "tie_embeddings", "scan_layers", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"LlamaConfig.{name} must be a bool; found {getattr(self, name)!r}."
                 )
         set_(self, "rope_scaling", _freeze_rope_scaling(self.rope_scaling))
+        _check_experts(self)
         set_(self, "dtype", _float_dtype("dtype", self.dtype))
         set_(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        """Whether layer `layer` has the routed-experts MLP (HF Qwen3-MoE's rule).
+
+        Args:
+            layer: the layer index.
+
+        Returns:
+            True for a mixture-of-experts layer, False for a dense MLP.
+        """
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-able dict (`rope_scaling` as a dict); `from_dict` inverts it.
@@ -170,6 +242,7 @@ class LlamaConfig:
         """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
+        out["mlp_only_layers"] = list(self.mlp_only_layers)
         return out
 
     @classmethod

@@ -1,7 +1,8 @@
 """Local HuggingFace checkpoints: ``config.json`` + safetensors <-> (`LlamaConfig`, variables).
 
-`from_pretrained` reads ``LlamaForCausalLM`` (also SmolLM/SmolLM2), ``MistralForCausalLM``
-or ``Qwen2ForCausalLM`` weights (one file or sharded; float32, float16 or bfloat16);
+`from_pretrained` reads ``LlamaForCausalLM`` (also SmolLM/SmolLM2), ``MistralForCausalLM``,
+``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` or ``Qwen3MoeForCausalLM`` weights (one file or
+sharded; float32, float16 or bfloat16);
 `save_pretrained` writes a folder ``transformers`` loads. The config conversion lives in
 `train.models.hf_config`, the tensor name mapping in `train.models.hf_state`; both are
 re-exported here.

@@ -14,8 +14,17 @@ from train.models.config import LlamaConfig
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "config_from_hf", "config_to_hf"]
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_MODEL_TYPES = dict(zip(("llama", "mistral", "qwen2"), SUPPORTED_ARCHITECTURES, strict=True))
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
+_MODEL_TYPES = dict(
+    zip(("llama", "mistral", "qwen2", "qwen3", "qwen3_moe"), SUPPORTED_ARCHITECTURES, strict=True)
+)
+_QWEN3 = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 _REQUIRED = (
     "vocab_size",
     "hidden_size",
@@ -69,6 +78,32 @@ def _qwen2_window(hf: Mapping[str, Any], where: str) -> int | None:
     return hf.get("sliding_window", 4096) if sliding else None
 
 
+def _moe_window(hf: Mapping[str, Any]) -> int | None:
+    """Qwen3-MoE: one window for every layer when ``use_sliding_window``."""
+    return hf.get("sliding_window", 4096) if hf.get("use_sliding_window") else None
+
+
+def _experts(hf: Mapping[str, Any], arch: str, where: str) -> dict[str, Any]:
+    """The `LlamaConfig` mixture-of-experts fields of a Qwen3-MoE ``config.json``."""
+    if arch != "Qwen3MoeForCausalLM":
+        return {}
+    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    missing = [k for k in ("moe_intermediate_size", "num_experts_per_tok") if k not in hf]
+    if experts is None or missing:
+        missing += [] if experts is not None else ["num_experts"]
+        raise ValueError(f"{where}: missing keys {missing} (Qwen3MoeForCausalLM).")
+    if hf.get("shared_expert_intermediate_size"):
+        raise ValueError(f"{where}: a shared expert (Qwen2-MoE style) is not supported.")
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=hf["num_experts_per_tok"],
+        moe_intermediate_size=hf["moe_intermediate_size"],
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+        mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+    )
+
+
 def config_from_hf(hf: Mapping[str, Any], *, path: str | os.PathLike | None = None) -> LlamaConfig:
     """The `LlamaConfig` of a HuggingFace ``config.json`` (transformers 4 or 5 layout).
 
@@ -100,12 +135,14 @@ def config_from_hf(hf: Mapping[str, Any], *, path: str | os.PathLike | None = No
         raise ValueError(f"{where}: missing keys {missing}.")
     if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
         raise ValueError(f"{where}: only a bias-free SiLU MLP is supported.")
-    if arch == "LlamaForCausalLM" and hf.get("attention_bias"):
+    if arch in ("LlamaForCausalLM", *_QWEN3) and hf.get("attention_bias"):
         raise ValueError(f"{where}: attention_bias=true (a bias on o_proj) is not supported.")
     theta, scaling = _rope(hf, where)
     windows = {
         "MistralForCausalLM": lambda: hf.get("sliding_window", 4096),
         "Qwen2ForCausalLM": lambda: _qwen2_window(hf, where),
+        "Qwen3ForCausalLM": lambda: _qwen2_window(hf, where),
+        "Qwen3MoeForCausalLM": lambda: _moe_window(hf),
     }
     try:
         return LlamaConfig(
@@ -123,6 +160,8 @@ def config_from_hf(hf: Mapping[str, Any], *, path: str | os.PathLike | None = No
             attention_bias=arch == "Qwen2ForCausalLM",
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             sliding_window=windows.get(arch, lambda: None)(),
+            qk_norm=arch in _QWEN3,
+            **_experts(hf, arch, where),
         )
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from err
@@ -131,8 +170,9 @@ def config_from_hf(hf: Mapping[str, Any], *, path: str | os.PathLike | None = No
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
     """A ``config.json`` dict for `config` that ``transformers`` (4 or 5) loads.
 
-    ``attention_bias`` makes it ``Qwen2ForCausalLM``, else a sliding window makes it
-    ``MistralForCausalLM``, else ``LlamaForCausalLM``.
+    Experts make it ``Qwen3MoeForCausalLM``, else ``qk_norm`` ``Qwen3ForCausalLM``, else
+    ``attention_bias`` ``Qwen2ForCausalLM``, else a sliding window ``MistralForCausalLM``,
+    else ``LlamaForCausalLM``.
 
     Args:
         config: the model config.
@@ -140,14 +180,19 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
     Returns:
         The JSON-able dict (``dtype`` is ``config.param_dtype``).
 
+    Raises:
+        ValueError: no HF architecture has this combination (experts without ``qk_norm``,
+            ``qk_norm`` with ``attention_bias``).
+
     Example:
         >>> from train.models import PRESETS, config_to_hf
         >>> config_to_hf(PRESETS["tiny"])["architectures"]
         ['LlamaForCausalLM']
     """
-    if config.attention_bias:
+    arch = _arch_of(config)
+    if arch is None and config.attention_bias:
         arch = "Qwen2ForCausalLM"
-    else:
+    elif arch is None:
         arch = "MistralForCausalLM" if config.sliding_window else "LlamaForCausalLM"
     scaling = dict(config.rope_scaling or {"rope_type": "default"})
     if "original_max_position_embeddings" in scaling:
@@ -178,6 +223,18 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
         out.update(attention_bias=False, mlp_bias=False)
     elif arch == "MistralForCausalLM":
         out.update(sliding_window=config.sliding_window)
+    elif arch == "Qwen3MoeForCausalLM":
+        out.update(
+            attention_bias=False,
+            use_sliding_window=config.sliding_window is not None,
+            sliding_window=config.sliding_window,
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            moe_intermediate_size=config.moe_intermediate_size,
+            norm_topk_prob=config.norm_topk_prob,
+            decoder_sparse_step=config.decoder_sparse_step,
+            mlp_only_layers=list(config.mlp_only_layers),
+        )
     else:
         window = config.sliding_window
         out.update(
@@ -185,4 +242,23 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
             sliding_window=window,
             max_window_layers=0 if window else config.num_layers,
         )
+        if arch == "Qwen3ForCausalLM":
+            out.update(attention_bias=False)
     return out
+
+
+def _arch_of(config: LlamaConfig) -> str | None:
+    """The Qwen3 architecture of `config`, None for the others; refuses what none has."""
+    if config.num_experts and not config.qk_norm:
+        raise ValueError(
+            "config_to_hf: routed experts without qk_norm match no supported HF architecture "
+            "(Qwen3MoeForCausalLM has q/k norms)."
+        )
+    if config.qk_norm and config.attention_bias:
+        raise ValueError(
+            "config_to_hf: qk_norm with attention_bias is not supported (Qwen3's "
+            "attention_bias also puts a bias on o_proj, which Llama does not have)."
+        )
+    if config.num_experts:
+        return "Qwen3MoeForCausalLM"
+    return "Qwen3ForCausalLM" if config.qk_norm else None

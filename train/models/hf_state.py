@@ -2,13 +2,19 @@
 
 ``layers_0/self_attn/q_proj/kernel`` (in, out) is ``model.layers.0.self_attn.q_proj.weight``
 (out, in); RMSNorm ``scale`` and the embedding are ``weight``; scanned ``layers/...`` params
-are unstacked on the way out and stacked on the way in.
+are unstacked on the way out and stacked on the way in. Qwen3-MoE's expert kernels
+``layers_0/mlp/experts/gate_up_proj`` ``(E, hidden, 2 * moe_i)`` and ``.../down_proj``
+``(E, moe_i, hidden)`` are HF's per-expert Linears ``model.layers.0.mlp.experts.{e}.
+{gate,up,down}_proj.weight`` (what transformers 5 saves and the Hub holds), gathered one
+expert at a time into one buffer (a ``state_dict()``'s fused ``experts.gate_up_proj``
+``(E, 2 * moe_i, hidden)`` is read too); the router ``layers_0/mlp/gate`` is ``mlp.gate.weight``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,10 +56,50 @@ def _param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return {path: tuple(leaf.shape) for path, leaf in _flatten(shapes).items()}
 
 
+_EXPERTS = re.compile(r"layers_(\d+)/mlp/experts/(gate_up_proj|down_proj)")
+_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+def _expert_names(path: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """``[(HF name, HF shape)]`` of the per-expert Linears behind an expert kernel path, in
+    the order `_read` fills them (expert-major; gate before up); [] for other paths."""
+    found = _EXPERTS.fullmatch(path)
+    if found is None:
+        return []
+    layer, param = found.groups()
+    experts, d_in, d_out = shape
+    parts = _PARTS[param]
+    width = d_out // len(parts)
+    return [
+        (f"model.layers.{layer}.mlp.experts.{e}.{part}.weight", (width, d_in))
+        for e in range(experts)
+        for part in parts
+    ]
+
+
+def _fused_name(path: str, state: Mapping[str, Any]) -> str | None:
+    """transformers 5's in-memory name of an expert kernel (``model.layers.0.mlp.experts.
+    gate_up_proj``, ``(E, out, in)``) when `state` holds it (a ``state_dict()``); else None."""
+    found = _EXPERTS.fullmatch(path)
+    name = found and "model." + path.replace("layers_", "layers.").replace("/", ".")
+    return name if name and name in state else None
+
+
+def _hf_names(path: str, shape: tuple[int, ...], state: Mapping[str, Any]) -> list[str]:
+    """Every HF tensor name a Flax param is made of."""
+    fused = _fused_name(path, state)
+    if fused:
+        return [fused]
+    experts = _expert_names(path, shape)
+    return [n for n, _ in experts] if experts else [_hf_name(path)[0]]
+
+
 def _hf_name(path: str) -> tuple[str, bool]:
-    """(HF tensor name, transposed?) of an unscanned Flax param path."""
+    """(HF tensor name, transposed?) of an unscanned Flax param path (not an expert kernel)."""
     if path == "lm_head/kernel":
         return "lm_head.weight", True
+    if re.fullmatch(r"layers_\d+/mlp/gate", path):  # the Qwen3-MoE router (hidden, experts)
+        return "model." + path.replace("layers_", "layers.").replace("/", ".") + ".weight", True
     *modules, leaf = path.split("/")
     if modules[0].startswith("layers_"):
         modules = ["layers", modules[0].removeprefix("layers_"), *modules[1:]]
@@ -100,29 +146,65 @@ def from_hf_state(
         (1, 128, 384)
     """
     expected = _param_shapes(config)
-    names = {path: _hf_name(path) for path in expected}
+    names = {n for path, shape in expected.items() for n in _hf_names(path, shape, state)}
     ignored = {n for n in state if n.endswith("rotary_emb.inv_freq")}
     ignored |= {"lm_head.weight"} if config.tie_embeddings else set()
-    missing = sorted(n for n, _ in names.values() if n not in state)
-    unexpected = sorted(set(state) - {n for n, _ in names.values()} - ignored)
+    missing = sorted(n for n in names if n not in state)
+    unexpected = sorted(set(state) - names - ignored)
     if missing or unexpected:
         raise ValueError(
             f"{source}: the tensors do not match config.json; missing: [{listing(missing)}]; "
             f"unexpected: [{listing(unexpected)}]. Check that config.json goes with these weights."
         )
-    flat = {}
-    for path, (name, transposed) in names.items():
-        array = state[name]
-        want = expected[path][::-1] if transposed else expected[path]
-        if tuple(array.shape) != want:
-            raise ValueError(
-                f"{source}: tensor {name!r} has shape {tuple(array.shape)}; the config expects "
-                f"{want}."
-            )
-        flat[path] = jnp.asarray(array.T if transposed else array, dtype=dtype)
+    flat = {
+        path: jnp.asarray(_read(path, shape, state, source), dtype=dtype)
+        for path, shape in expected.items()
+    }
     if scan_layers:
         flat = _stack_layers(flat, config.num_layers)
     return _unflatten(flat)
+
+
+def _checked(state: Mapping[str, np.ndarray], name: str, want: tuple, source: str) -> np.ndarray:
+    array = state[name]
+    if tuple(array.shape) != want:
+        raise ValueError(
+            f"{source}: tensor {name!r} has shape {tuple(array.shape)}; the config expects {want}."
+        )
+    return array
+
+
+def _read(path: str, shape: tuple[int, ...], state: Mapping[str, np.ndarray], source: str) -> Any:
+    """The Flax-layout array of `path` from HF tensors; expert kernels are filled one expert
+    at a time into one new buffer (the only copy beyond the memory-mapped file)."""
+    fused = _fused_name(path, state)
+    if fused:
+        return _checked(state, fused, (shape[0], shape[2], shape[1]), source).transpose(0, 2, 1)
+    experts = _expert_names(path, shape)
+    if not experts:
+        name, transposed = _hf_name(path)
+        array = _checked(state, name, shape[::-1] if transposed else shape, source)
+        return array.T if transposed else array
+    parts = len(experts) // shape[0]
+    out = np.empty(shape, state[experts[0][0]].dtype)
+    for i, (name, want) in enumerate(experts):
+        e, j = divmod(i, parts)
+        out[e, :, j * want[0] : (j + 1) * want[0]] = _checked(state, name, want, source).T
+    return out
+
+
+def _write(path: str, array: np.ndarray) -> dict[str, np.ndarray]:
+    """The HF tensors of one Flax param: one, or each expert's Linears of an expert kernel."""
+    experts = _expert_names(path, array.shape)
+    if not experts:
+        name, transposed = _hf_name(path)
+        return {name: array.T if transposed else array}
+    parts = len(experts) // array.shape[0]
+    out = {}
+    for i, (name, want) in enumerate(experts):
+        e, j = divmod(i, parts)
+        out[name] = array[e, :, j * want[0] : (j + 1) * want[0]].T
+    return out
 
 
 def _stack_layers(flat: dict[str, Any], n: int) -> dict[str, Any]:
@@ -172,7 +254,5 @@ def to_hf_state(config: LlamaConfig, params: Mapping[str, Any]) -> dict[str, np.
     for path, shape in expected.items():
         if tuple(flat[path].shape) != shape:
             raise ValueError(f"params/{path}: expected shape {shape}; found {flat[path].shape}.")
-        name, transposed = _hf_name(path)
-        array = np.asarray(flat[path])
-        out[name] = array.T if transposed else array
+        out.update(_write(path, np.asarray(flat[path])))
     return out

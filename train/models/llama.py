@@ -1,9 +1,11 @@
-"""`Llama`: a Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) in Flax linen.
+"""`Llama`: a Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3, Qwen3-MoE) in Flax.
 
 The architecture is HuggingFace's ``LlamaForCausalLM`` with eager attention: RMSNorm in
 float32, rotary embeddings in the ``rotate_half`` convention, grouped-query attention, a
-SwiGLU MLP and an untied or tied output head. Every projection is a plain `nn.Dense` and the
-embedding an `nn.Embed`, so `lora_jax` computes their low-rank path factored. Parameter
+SwiGLU MLP and an untied or tied output head; Qwen3's per-head q/k RMSNorm (``qk_norm``) and
+Qwen3-MoE's routed experts (`train.models.moe.SparseMoe`) are options. Every projection is
+a plain `nn.Dense` and the embedding an `nn.Embed`, so `lora_jax` computes their low-rank
+path factored (the experts' through `jax.lax.ragged_dot`). Parameter
 names follow HuggingFace (``layers_0/self_attn/q_proj/kernel`` is
 ``model.layers.0.self_attn.q_proj.weight`` transposed); `train.models.hf` maps them.
 
@@ -25,6 +27,7 @@ import numpy as np
 
 import lora_jax as lj
 from train.models.config import PRESETS, LlamaConfig
+from train.models.moe import SparseMoe
 
 __all__ = ["PRESETS", "Llama", "LlamaConfig", "init_cache", "num_params", "rope_frequencies"]
 
@@ -135,6 +138,9 @@ class _Attention(nn.Module):
         q = _dense(c, c.num_heads * hd, "q_proj", bias)(x).reshape(b, s, c.num_heads, hd)
         k = _dense(c, c.num_kv_heads * hd, "k_proj", bias)(x).reshape(b, s, c.num_kv_heads, hd)
         v = _dense(c, c.num_kv_heads * hd, "v_proj", bias)(x).reshape(b, s, c.num_kv_heads, hd)
+        if c.qk_norm:  # Qwen3: RMSNorm over head_dim of each head, before the rotation
+            norm = functools.partial(_RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype)
+            q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         if kv is not None:
             update = functools.partial(jax.lax.dynamic_update_slice, start_indices=(0, end, 0, 0))
@@ -158,9 +164,11 @@ class _Mlp(nn.Module):
 
 
 class _DecoderLayer(nn.Module):
-    """Pre-norm block; scannable as ``(x, cos, sin, mask, kv, end) -> (x, kv)``."""
+    """Pre-norm block; scannable as ``(x, cos, sin, mask, kv, end) -> (x, kv)``. `sparse`:
+    the MLP is the routed experts (`SparseMoe`) instead of the dense SwiGLU."""
 
     config: LlamaConfig
+    sparse: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv, end):
@@ -170,7 +178,8 @@ class _DecoderLayer(nn.Module):
             norm(name="input_layernorm")(x), cos, sin, mask, kv, end
         )
         x = x + h
-        return x + _Mlp(c, name="mlp")(norm(name="post_attention_layernorm")(x)), kv
+        mlp = SparseMoe(c, name="mlp") if self.sparse else _Mlp(c, name="mlp")
+        return x + mlp(norm(name="post_attention_layernorm")(x)), kv
 
 
 def _check_inputs(config: LlamaConfig, ids: Any, cache: Any) -> None:
@@ -255,11 +264,12 @@ def _decoder_stack(c: LlamaConfig, x, cos, sin, mask, cache, end) -> tuple[jax.A
             length=c.num_layers,
         )
         kv = None if cache is None else (cache["k"], cache["v"])
-        return stack(c, name="layers")(x, cos, sin, mask, kv, end)
+        return stack(c, c.is_sparse_layer(0), name="layers")(x, cos, sin, mask, kv, end)
     new = []
     for i in range(c.num_layers):
         kv = None if cache is None else (cache["k"][i], cache["v"][i])
-        x, kv = _DecoderLayer(c, name=f"layers_{i}")(x, cos, sin, mask, kv, end)
+        layer = _DecoderLayer(c, c.is_sparse_layer(i), name=f"layers_{i}")
+        x, kv = layer(x, cos, sin, mask, kv, end)
         new.append(kv)
     return x, None if cache is None else tuple(jnp.stack(t) for t in zip(*new, strict=True))
 

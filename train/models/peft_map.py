@@ -1,4 +1,5 @@
-"""The PEFT module maps of the app's Llama-family models (Llama, Mistral, Qwen2).
+"""The PEFT module maps of the app's Llama-family models (Llama, Mistral, Qwen2, Qwen3,
+Qwen3-MoE).
 
 `module_map` says how each Flax kernel of `train.models.Llama` is named in the
 HuggingFace PyTorch model (``LlamaForCausalLM``, ``MistralForCausalLM``,
@@ -11,7 +12,17 @@ Flax path                                       PyTorch module
 ``params/layers/mlp/down_proj/kernel`` (scan)   ``model.layers.{i}.mlp.down_proj``
 ``params/embed_tokens/embedding``               ``model.embed_tokens`` (an Embedding)
 ``params/lm_head/kernel``                       ``lm_head``
+``params/layers_{i}/mlp/experts/gate_up_proj``  ``model.layers.{i}.mlp.experts.gate_up_proj``
+                                                (a 3-D parameter: ``target_parameters``)
 ==============================================  =======================================
+
+Qwen3-MoE's expert kernels ``(E, in, out)`` are PEFT ``target_parameters`` of the
+``Qwen3MoeExperts`` module (``gate_up_proj`` then ``down_proj`` in registration order); its
+router ``params/layers_{i}/mlp/gate`` is no ``nn.Linear`` in transformers, so PEFT cannot
+adapt it and an adapter on it cannot be exported. Nor can one on the dense MLP of a
+Qwen3-MoE's ``mlp_only_layers``: on a transformers 5 MoE model PEFT (0.21) reads every
+``target_modules`` entry named ``gate_proj`` / ``up_proj`` / ``down_proj`` as a transformers 4
+per-expert Linear and rewrites it into the experts' ``target_parameters``.
 
 With tied embeddings the table is also the output head (``embed.attend``): lora_jax adapts
 both uses, PEFT's Embedding LoRA only the lookup, so such an adapter cannot be exported.
@@ -29,6 +40,17 @@ _TIED = (
     "lookup and the head together, PEFT's Embedding LoRA only the lookup. Leave the "
     "embedding out of the targets, or export merged weights (train.models.export)."
 )
+_ROUTER = (
+    "the Qwen3-MoE router (transformers' Qwen3MoeTopKRouter) is not an nn.Linear and PEFT "
+    "cannot adapt it. Leave `mlp/gate` out of the targets, or export merged weights."
+)
+_MOE_DENSE_MLP = (
+    "on a Qwen3-MoE model PEFT rewrites target_modules named gate_proj / up_proj / down_proj "
+    "into the experts' target_parameters (transformers 4 per-expert names), so an adapter on "
+    "a dense MLP layer (mlp_only_layers) would load on the experts instead. Leave the dense "
+    "MLP out of the targets, or export merged weights."
+)
+_EXPERT_ORDER = ("gate_up_proj", "down_proj")  # Qwen3MoeExperts' registration order
 
 
 def module_map(config: LlamaConfig) -> lj.peft.ModuleMap:
@@ -61,6 +83,22 @@ def module_map(config: LlamaConfig) -> lj.peft.ModuleMap:
         ),
         lj.peft.ModuleRule("params/embed_tokens/embedding", "model.embed_tokens", kind="embedding"),
         lj.peft.ModuleRule("params/lm_head/kernel", "lm_head"),
+        lj.peft.ModuleRule(
+            r"params/layers_(\d+)/mlp/experts/(\w+)",
+            r"model.layers.\1.mlp.experts.\2",
+            kind="parameter",
+            parameter_order=_EXPERT_ORDER,
+        ),
+        lj.peft.ModuleRule(
+            r"params/layers/mlp/experts/(\w+)",
+            r"model.layers.{0}.mlp.experts.\1",
+            kind="parameter",
+            parameter_order=_EXPERT_ORDER,
+        ),
     )
-    unsupported = {"params/embed_tokens/embedding": _TIED} if config.tie_embeddings else {}
+    unsupported = {r"params/layers(_\d+)?/mlp/gate": _ROUTER}
+    if config.num_experts:
+        unsupported[r"params/layers(_\d+)?/mlp/(gate|up|down)_proj/kernel"] = _MOE_DENSE_MLP
+    if config.tie_embeddings:
+        unsupported["params/embed_tokens/embedding"] = _TIED
     return lj.peft.ModuleMap(rules, unsupported)
