@@ -365,7 +365,9 @@ FLAGS_OF = {
     "pretrain": EVERY | DATA | TRAINING,
     "eval": EVERY | DATA | FROM_RUN,
     "sample": EVERY | SAMPLING | FROM_RUN,
-    "export": EVERY | FROM_RUN | {"--lora-out", "--merged-out", "--peft-out"},
+    "export": EVERY
+    | FROM_RUN
+    | {"--lora-out", "--merged-out", "--peft-out", "--gguf-out", "--gguf-type"},
 }
 
 

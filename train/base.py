@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 import lora_jax as lj
 from train.models import Llama, LlamaConfig, from_hf_state, to_hf_state
+from train.models.gguf_in import from_gguf
 from train.models.hf import from_pretrained
 from train.settings import UserError
 from train.tokenizer import Tokenizer, load_tokenizer
@@ -195,13 +196,14 @@ def load_base(
     tokenizer: str = "auto",
     scan_layers: bool = False,
 ) -> Base:
-    """Loads a base folder of ours or a local HuggingFace checkpoint folder.
+    """Loads a base folder of ours, a local HuggingFace checkpoint folder or a GGUF file.
 
     Args:
-        spec: the folder (``config.json`` + safetensors, or ``base.json`` + ``params/``).
+        spec: the folder (``config.json`` + safetensors, or ``base.json`` + ``params/``), or
+            a Llama-family ``.gguf`` file (`train.models.gguf_in`).
         dtype: ``"float32"`` or ``"bfloat16"`` for the weights.
         tokenizer: ``"auto"`` (the folder's own: ``tokenizer.json`` or what ``base.json``
-            names), ``"byte"``, or a path to a ``tokenizer.json``.
+            names; a GGUF file's stored vocabulary), ``"byte"``, or a path to a ``tokenizer.json``.
         scan_layers: run the layers as one `nn.scan` (faster compiles for deep models).
 
     Returns:
@@ -211,13 +213,19 @@ def load_base(
         UserError: a missing folder, or one that is neither kind, or damaged files.
     """
     folder = pathlib.Path(spec).expanduser()
-    if not folder.is_dir():
+    if folder.is_file() and folder.suffix == ".gguf":  # a llama.cpp file: train.models.gguf_in
+        try:
+            config, variables = from_gguf(folder, dtype=dtype, scan_layers=scan_layers)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        tok_spec, info = str(folder), dict[str, Any]()
+    elif not folder.is_dir():
         raise UserError(
             f"base model folder {folder} does not exist. Give `--base` a local HuggingFace "
-            "checkpoint folder (config.json + model.safetensors), a folder written by "
-            "`python -m train pretrain`, or `tiny` for the built-in model."
+            "checkpoint folder (config.json + model.safetensors), a .gguf file, a folder "
+            "written by `python -m train pretrain`, or `tiny` for the built-in model."
         )
-    if (folder / BASE_FILE).exists():
+    elif (folder / BASE_FILE).exists():
         config, variables, tok_spec, info = _load_ours(folder, dtype)
     elif (folder / "config.json").exists():
         try:

@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 from train.settings import (
     COMMANDS,
     DTYPES,
+    GGUF_TYPES,
     QUANTIZE,
     STRATEGIES,
     Settings,
@@ -44,7 +45,7 @@ SUMMARIES = {
     "eval": "eval loss of the base and of a fine-tuned run's adapter",
     "sample": "continue --prompt with the base and the adapted model (KV cache)",
     "export": "write the adapter (--lora-out), a PEFT adapter (--peft-out), or merged "
-    "weights as a HuggingFace folder (--merged-out)",
+    "weights as a HuggingFace folder (--merged-out) or a GGUF file (--gguf-out)",
 }
 
 DESCRIPTION = """\
@@ -203,6 +204,10 @@ FLAGS = (
     Flag("out_peft", EXPORT, "export",
          "write a HuggingFace PEFT adapter (adapter_config.json + safetensors) here",
          names=("--peft-out", "--peft")),
+    Flag("out_gguf", EXPORT, "export", "write the merged model as one GGUF file (weights, "
+         "hyperparameters, tokenizer) for llama.cpp-family runtimes", names=("--gguf-out",)),
+    Flag("gguf_type", EXPORT, "export", "GGUF storage of the matrices (norms stay float32)",
+         choices=GGUF_TYPES),
 )
 # fmt: on
 
@@ -216,8 +221,8 @@ def flags_of(command: str) -> tuple[Flag, ...]:
     """The flags `command` offers (the settings it reads), in ``--help`` order.
 
     Example:
-        >>> [f.flags[0] for f in flags_of("export")][-3:]
-        ['--lora-out', '--merged-out', '--peft-out']
+        >>> [f.flags[0] for f in flags_of("export")][-5:]
+        ['--lora-out', '--merged-out', '--peft-out', '--gguf-out', '--gguf-type']
     """
     return tuple(f for f in FLAGS if command in f.commands)
 

@@ -30,8 +30,10 @@ from train.finetune import (
     run_lora,
 )
 from train.full import train_full
+from train.gguf_tokenizer import gguf_vocab_fields
 from train.models import PRESETS, Llama, init_cache
 from train.models.export import export_merged
+from train.models.gguf_out import export_gguf
 from train.models.peft_map import module_map
 from train.placement import make_strategy
 from train.quantized import quantize_base
@@ -440,9 +442,13 @@ def sample(s: Settings, out: TextIO) -> dict[str, Any]:
 def export(s: Settings, out: TextIO) -> dict[str, Any]:
     """``python -m train export``: the adapter in our format (``--lora-out``), as a
     HuggingFace PEFT adapter (``--peft-out``), or merged into a HuggingFace checkpoint
-    folder (``--merged-out``)."""
-    if not (s.out_adapter or s.out_merged or s.out_peft):
-        raise UserError("export needs --lora-out DIR, --peft-out DIR and/or --merged-out DIR.")
+    folder (``--merged-out``) or a GGUF file (``--gguf-out``)."""
+    if not (s.out_adapter or s.out_merged or s.out_peft or s.out_gguf):
+        raise UserError(
+            "export needs --lora-out DIR, --peft-out DIR, --merged-out DIR and/or --gguf-out FILE."
+        )
+    if s.gguf_type != "f16" and not s.out_gguf:
+        raise UserError(f"--gguf-type {s.gguf_type} needs --gguf-out FILE.")
     base = ensure_base(s, out)
     frozen, lora = _load_adapter(s, base)
     written = {}
@@ -463,6 +469,11 @@ def export(s: Settings, out: TextIO) -> dict[str, Any]:
         export_merged(s.out_merged, base.config, lj.quant.dequantize_tree(frozen), lora)
         corpora.copy_tokenizer_files(base, pathlib.Path(s.out_merged))
         written["merged weights"] = s.out_merged
+    if s.out_gguf:
+        vocab = gguf_vocab_fields(base.tokenizer, base.config.vocab_size)
+        floats = lj.quant.dequantize_tree(frozen)
+        export_gguf(s.out_gguf, base.config, floats, lora, vocab=vocab, gguf_type=s.gguf_type)
+        written[f"GGUF ({s.gguf_type})"] = s.out_gguf
     for kind, path in written.items():
         print(f"wrote the {kind} to {path}", file=out)
     return written

@@ -30,6 +30,7 @@ COMMANDS = ("finetune", "pretrain", "eval", "sample", "export")
 STRATEGIES = ("jit", "pmap", "mesh")
 DTYPES = ("float32", "bfloat16")
 QUANTIZE = ("none", "int8", "int4", "nf4")
+GGUF_TYPES = ("f16", "q8_0")  # export --gguf-type (train.models.gguf_out)
 
 
 class UserError(ValueError):
@@ -115,6 +116,8 @@ class Settings:
     out_adapter: str | None = None
     out_merged: str | None = None
     out_peft: str | None = None
+    out_gguf: str | None = None
+    gguf_type: str = "f16"
 
     def __post_init__(self) -> None:
         _check(self)
@@ -172,6 +175,8 @@ def _check(s: Settings) -> None:
         raise bad("dtype", f"one of {', '.join(DTYPES)}")
     if s.quantize not in QUANTIZE:
         raise bad("quantize", f"one of {', '.join(QUANTIZE)}")
+    if s.gguf_type not in GGUF_TYPES:
+        raise bad("gguf_type", f"one of {', '.join(GGUF_TYPES)}")
     if not 0 <= s.dropout < 1:
         raise bad("dropout", "in [0, 1)")
     if not 0 <= s.min_lr_ratio <= 1:

@@ -218,6 +218,32 @@ class HFTokenizer:
             )
         self.eos_id: int = found_eos
 
+    @classmethod
+    def from_backend(
+        cls, backend: tokenizers.Tokenizer, *, name: str, bos_id: int | None, eos_id: int
+    ) -> HFTokenizer:
+        """An `HFTokenizer` around a `tokenizers.Tokenizer` built in memory (from a GGUF file).
+
+        Args:
+            backend: the tokenizer.
+            name: the spec `load_tokenizer` rebuilds it from (e.g. the ``.gguf`` path).
+            bos_id: the begin-of-sequence id, or None.
+            eos_id: the end-of-sequence id.
+
+        Returns:
+            The tokenizer.
+        """
+        tok = cls.__new__(cls)
+        tok._tok, tok.name = backend, name
+        tok.vocab_size = int(backend.get_vocab_size(with_added_tokens=True))
+        tok.bos_id, tok.eos_id = bos_id, eos_id
+        return tok
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The underlying `tokenizers.Tokenizer` (GGUF export reads its vocabulary)."""
+        return self._tok
+
     def encode(self, text: str) -> np.ndarray:
         """Token ids of `text`, int32 of shape ``(n,)``, no special tokens added.
 
@@ -308,8 +334,8 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer named by `spec`.
 
     Args:
-        spec: ``"byte"`` for `ByteTokenizer`; a folder holding a ``tokenizer.json``, or the
-            path of a ``tokenizer.json``, for `HFTokenizer`.
+        spec: ``"byte"`` for `ByteTokenizer`; a folder holding a ``tokenizer.json``, the
+            path of a ``tokenizer.json``, or a ``.gguf`` model file, for `HFTokenizer`.
 
     Returns:
         The tokenizer.
@@ -327,6 +353,10 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
     if isinstance(spec, str) and spec == "byte":
         return ByteTokenizer()
     path = pathlib.Path(spec)
+    if path.is_file() and path.suffix == ".gguf":  # the vocabulary stored in a GGUF model
+        from train.gguf_tokenizer import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     if (path.is_dir() and (path / TOKENIZER_FILE).is_file()) or path.is_file():
         return HFTokenizer(path)
     found = "a folder without tokenizer.json" if path.is_dir() else "nothing at that path"

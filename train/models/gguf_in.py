@@ -1,0 +1,267 @@
+"""GGUF files in: a llama.cpp checkpoint of the Llama family -> (`LlamaConfig`, variables).
+
+`from_gguf` reads the hyperparameters (``llama.*`` / ``qwen2.*`` keys) and the tensors of a
+``.gguf`` file with the ``gguf`` package (the format's reference reader, an optional
+dependency: ``pip install 'lora_jax[interop]'``), one tensor at a time, dequantizing the
+common types to float32 before casting to the requested dtype. llama.cpp stores Llama's q/k
+rows permuted for its rotary layout; they are permuted back here (Qwen2 is stored as is).
+The tensor names and that permutation are shared with `train.models.gguf_out`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from train.models.config import LlamaConfig
+from train.models.hf_state import from_hf_state, listing
+from train.models.llama import rope_frequencies
+
+__all__ = [
+    "ARCHITECTURES",
+    "TENSOR_TYPES",
+    "config_from_gguf",
+    "from_gguf",
+    "gguf_module",
+    "gguf_name",
+    "hf_name",
+    "permute_rows",
+    "read_fields",
+]
+
+ARCHITECTURES = ("llama", "qwen2")
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+# Llama 3.1 / 3.2 rope scaling as Meta ships it; llama.cpp keeps only its factors.
+META_LLAMA3 = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def gguf_module() -> Any:
+    """The ``gguf`` package, or a `ValueError` saying how to install it."""
+    try:
+        import gguf
+    except ImportError as err:
+        raise ValueError(
+            "GGUF files need the `gguf` package: pip install 'lora_jax[interop]' (or gguf)."
+        ) from err
+    return gguf
+
+
+def hf_name(name: str) -> str | None:
+    """The HuggingFace name of a llama.cpp tensor name (None for one we do not know).
+
+    Example:
+        >>> hf_name("blk.3.attn_q.bias"), hf_name("output.weight"), hf_name("rope_freqs.weight")
+        ('model.layers.3.self_attn.q_proj.bias', 'lm_head.weight', None)
+    """
+    stem, _, suffix = name.rpartition(".")
+    if stem in _TOP:
+        return f"{_TOP[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER:
+        return f"model.layers.{parts[1]}.{_LAYER[parts[2]]}.{suffix}"
+    return None
+
+
+def gguf_name(name: str) -> str:
+    """The llama.cpp name of a HuggingFace tensor name (`hf_name` inverted).
+
+    Example:
+        >>> gguf_name("model.layers.0.mlp.down_proj.weight")
+        'blk.0.ffn_down.weight'
+    """
+    stem, _, suffix = name.rpartition(".")
+    for short, long in _TOP.items():
+        if stem == long:
+            return f"{short}.{suffix}"
+    _, _, layer, *rest = stem.split(".")
+    short = {v: k for k, v in _LAYER.items()}[".".join(rest)]
+    return f"blk.{layer}.{short}.{suffix}"
+
+
+def permute_rows(weight: np.ndarray, heads: int, *, inverse: bool = False) -> np.ndarray:
+    """llama.cpp's q/k row order for Llama (``inverse``: back to HuggingFace's).
+
+    HuggingFace rotates the two halves of each head; llama.cpp rotates adjacent pairs, so
+    its converter interleaves each head's rows. ``heads`` is the number of q (or kv) heads.
+
+    Example:
+        >>> permute_rows(np.arange(8), 1).tolist()
+        [0, 4, 1, 5, 2, 6, 3, 7]
+        >>> permute_rows(permute_rows(np.arange(8), 2), 2, inverse=True).tolist()
+        [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+    half = weight.shape[0] // heads // 2
+    split = (heads, half, 2) if inverse else (heads, 2, half)
+    return weight.reshape(*split, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def read_fields(reader: Any) -> dict[str, Any]:
+    """``{key: value}`` of a `gguf.GGUFReader`'s metadata (arrays as lists)."""
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def _key(fields: Mapping[str, Any], key: str, where: str, default: Any = None) -> Any:
+    value = fields.get(key, default)
+    if value is None:
+        raise ValueError(f"{where}: the metadata key {key!r} is missing.")
+    if isinstance(value, list):  # some files give one value per layer
+        if len(set(value)) != 1:
+            raise ValueError(f"{where}: {key!r} differs between layers ({value}); not supported.")
+        value = value[0]
+    return value
+
+
+def _float32(value: Any) -> float:
+    """A float32 field as the shortest decimal that rounds to it (1e-05, not 9.99...e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _llama3(config: LlamaConfig, factors: np.ndarray, where: str) -> LlamaConfig:
+    """The config with the llama3 rope scaling whose factors llama.cpp stored, if Meta's."""
+    plain = rope_frequencies(config)
+    scaling: dict[str, float | str] = {"rope_type": "llama3", "factor": float(factors.max())}
+    scaling.update(META_LLAMA3)
+    candidate = dataclasses.replace(config, rope_scaling=scaling)
+    if factors.shape == plain.shape and np.allclose(
+        rope_frequencies(candidate), plain / factors, rtol=1e-4
+    ):
+        return candidate
+    raise ValueError(
+        f"{where}: tensor 'rope_freqs.weight' holds rope factors that are not Llama 3's "
+        f"(low 1, high 4, original context 8192); such rope scaling is not supported."
+    )
+
+
+def config_from_gguf(
+    fields: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], *, where: str = "GGUF"
+) -> LlamaConfig:
+    """The `LlamaConfig` of a GGUF file's metadata and tensor shapes (numpy order).
+
+    Args:
+        fields: the metadata (`read_fields`).
+        shapes: ``{tensor name: shape}``, rows first (``token_embd.weight``: (vocab, hidden)).
+        where: the file, for messages.
+
+    Returns:
+        The config (float32, unscanned); the vocabulary size is ``token_embd``'s rows.
+
+    Raises:
+        ValueError: an unsupported architecture or rope scaling, or a missing key (named).
+    """
+    arch = fields.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"{where}: general.architecture {arch!r} is not supported; supported: "
+            f"{', '.join(ARCHITECTURES)}."
+        )
+    key = lambda name, default=None: _key(fields, f"{arch}.{name}", where, default)
+    scaling = fields.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ValueError(f"{where}: {arch}.rope.scaling.type {scaling!r} is not supported.")
+    if "token_embd.weight" not in shapes:
+        raise ValueError(f"{where}: no tensor 'token_embd.weight'.")
+    heads, hidden = key("attention.head_count"), key("embedding_length")
+    head_dim = key("attention.key_length", hidden // heads)
+    rotary = fields.get(f"{arch}.rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        raise ValueError(
+            f"{where}: {arch}.rope.dimension_count {rotary} != head size {head_dim} "
+            "(partial rotary) is not supported."
+        )
+    try:
+        return LlamaConfig(
+            vocab_size=int(shapes["token_embd.weight"][0]),
+            hidden_size=int(hidden),
+            intermediate_size=int(key("feed_forward_length")),
+            num_layers=int(key("block_count")),
+            num_heads=int(heads),
+            num_kv_heads=int(key("attention.head_count_kv", heads)),
+            head_dim=int(head_dim),
+            max_seq_len=int(key("context_length", 2048)),
+            rope_theta=_float32(key("rope.freq_base", 10000.0)),
+            rms_norm_eps=_float32(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            attention_bias=arch == "qwen2",
+            tie_embeddings="output.weight" not in shapes,
+        )
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def _dequantized(gguf: Any, tensor: Any, dtype: Any, where: str) -> np.ndarray:
+    kind = tensor.tensor_type.name
+    if kind not in TENSOR_TYPES:
+        raise ValueError(
+            f"{where}: tensor {tensor.name!r} has type {kind}; supported: "
+            f"{', '.join(TENSOR_TYPES)}."
+        )
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    return np.asarray(values, np.float32).astype(jnp.dtype(dtype))
+
+
+def from_gguf(
+    path: str | os.PathLike, *, dtype: Any = "float32", scan_layers: bool = False
+) -> tuple[LlamaConfig, dict[str, Any]]:
+    """Loads a Llama-family (``llama``, ``qwen2``) GGUF file.
+
+    Args:
+        path: the ``.gguf`` file.
+        dtype: dtype of the returned params, also the config's compute dtype.
+        scan_layers: return the layers stacked for ``LlamaConfig.scan_layers``.
+
+    Returns:
+        ``(config, {"params": params})`` ready for ``Llama(config).apply``.
+
+    Raises:
+        ValueError: the file is missing or not GGUF, its architecture, rope scaling or a
+            tensor type is unsupported, or tensors are missing or unexpected (named).
+    """
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ValueError(f"{file}: no such GGUF file.")
+    gguf = gguf_module()
+    try:
+        reader = gguf.GGUFReader(file)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{file}: not a readable GGUF file ({err}).") from err
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in tensors.items()}
+    config = config_from_gguf(read_fields(reader), shapes, where=str(file))
+    if "rope_freqs.weight" in tensors:
+        factors = _dequantized(gguf, tensors.pop("rope_freqs.weight"), "float32", str(file))
+        config = _llama3(config, factors.reshape(-1), str(file))
+    unknown = sorted(name for name in tensors if hf_name(name) is None)
+    if unknown:
+        raise ValueError(f"{file}: tensors of no Llama-family layer: [{listing(unknown)}].")
+    heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
+    state = {}
+    for name, tensor in tensors.items():  # one tensor dequantized at a time
+        array = _dequantized(gguf, tensor, dtype, str(file))
+        kind = name.split(".")[-2]
+        if reader.fields["general.architecture"].contents() == "llama" and kind in heads:
+            array = permute_rows(array, heads[kind], inverse=True)
+        state[str(hf_name(name))] = array
+    config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+    params = from_hf_state(config, state, dtype=dtype, scan_layers=scan_layers, source=str(file))
+    return config, {"params": params}
