@@ -220,6 +220,22 @@ def _dequantized(gguf: Any, tensor: Any, dtype: Any, where: str) -> np.ndarray:
     return np.asarray(values, np.float32).astype(jnp.dtype(dtype))
 
 
+class _Lazy(Mapping[str, np.ndarray]):
+    """``{HF name: array}`` whose arrays are made when read (`from_hf_state` reads each once)."""
+
+    def __init__(self, names: dict[str, str], read: Any) -> None:
+        self._names, self._read = names, read
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._read(self._names[key])
+
+    def __iter__(self) -> Any:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def from_gguf(
     path: str | os.PathLike, *, dtype: Any = "float32", scan_layers: bool = False
 ) -> tuple[LlamaConfig, dict[str, Any]]:
@@ -255,13 +271,16 @@ def from_gguf(
     if unknown:
         raise ValueError(f"{file}: tensors of no Llama-family layer: [{listing(unknown)}].")
     heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
-    state = {}
-    for name, tensor in tensors.items():  # one tensor dequantized at a time
-        array = _dequantized(gguf, tensor, dtype, str(file))
+    llama = reader.fields["general.architecture"].contents() == "llama"
+
+    def read(name: str) -> np.ndarray:
+        array = _dequantized(gguf, tensors[name], dtype, str(file))
         kind = name.split(".")[-2]
-        if reader.fields["general.architecture"].contents() == "llama" and kind in heads:
-            array = permute_rows(array, heads[kind], inverse=True)
-        state[str(hf_name(name))] = array
+        return permute_rows(array, heads[kind], inverse=True) if llama and kind in heads else array
+
+    # Dequantized when read, one tensor at a time: besides the memory-mapped file, loading
+    # holds the params built so far and the one tensor being converted.
+    state = _Lazy({str(hf_name(name)): name for name in tensors}, read)
     config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
     params = from_hf_state(config, state, dtype=dtype, scan_layers=scan_layers, source=str(file))
     return config, {"params": params}
