@@ -1,8 +1,12 @@
 """GGUF in and out, checked against transformers' own GGUF loading (PyTorch, CPU, eager).
 
-In: tiny random Llama / Qwen2 files are written here with the `gguf` writer the way
-llama.cpp's converter writes them (its tensor names from `gguf.get_tensor_name_map`, Llama's
-q/k rows permuted), in F32, F16, BF16, Q8_0 and the K types. The `gguf` writer cannot quantize
+In: tiny random Llama / Qwen2 / Qwen3 / Qwen3-MoE files are written here with the `gguf`
+writer the way llama.cpp's converter writes them (its tensor names from
+`gguf.get_tensor_name_map`, only Llama's q/k rows permuted, Qwen3-MoE's experts as 3-D
+``ffn_{gate,up,down}_exps`` and its router ``ffn_gate_inp`` in F32), in F32, F16, BF16, Q8_0 and
+the K types. transformers 5's GGUF loader ignores ``qwen3.attention.key_length`` (head_dim
+stays Qwen3Config's 128) and ``qwen3moe.expert_feed_forward_length`` (moe_intermediate_size
+stays 768), so the Qwen3 cases use those sizes. The `gguf` writer cannot quantize
 Q4_K / Q5_K / Q6_K, so those tensors are random blocks of the right layout (small f16 scales,
 random codes): the same bytes are dequantized by both readers. Out: a tiny run fine-tuned on a
 GGUF base is exported with ``export --gguf-out`` and read back by both.
@@ -40,6 +44,12 @@ Q = gguf.GGMLQuantizationType
 STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])
 SMALL = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
 WIDE = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=1)
+QWEN3 = {**SMALL, "head_dim": 128}  # transformers' GGUF loader keeps Qwen3Config's 128
+# transformers' GGUF loader keeps Qwen3MoeConfig's moe_intermediate_size (768) and sets
+# norm_topk_prob=True, as llama.cpp computes qwen3moe.
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768, norm_topk_prob=True)
+ARCH = {"LlamaConfig": "llama", "Qwen2Config": "qwen2", "Qwen3Config": "qwen3"}
+ARCH["Qwen3MoeConfig"] = "qwen3moe"
 # name -> (transformers config class, sizes, {tensor kind: GGUF type} (others F32), extra)
 CASES = {
     "llama-f32": ("LlamaConfig", SMALL, {}, {"rope_theta": 500.0}),
@@ -47,6 +57,10 @@ CASES = {
     "llama-bf16": ("LlamaConfig", SMALL, {"2d": Q.BF16}, {}),
     "llama-q8_0": ("LlamaConfig", SMALL, {"2d": Q.Q8_0}, {}),
     "qwen2-q8_0": ("Qwen2Config", SMALL, {"2d": Q.Q8_0}, {"rms_norm_eps": 1e-5}),
+    "qwen3-f16": ("Qwen3Config", QWEN3, {"2d": Q.F16}, {"rms_norm_eps": 1e-5}),
+    "qwen3-bf16-tied": ("Qwen3Config", QWEN3, {"2d": Q.BF16}, {"tie_word_embeddings": True}),
+    "qwen3moe-f32": ("Qwen3MoeConfig", SMALL, {}, MOE),
+    "qwen3moe-q8_0": ("Qwen3MoeConfig", SMALL, {"2d": Q.Q8_0, "exps": Q.Q8_0}, MOE),
     "llama-k-quants": (
         "LlamaConfig",
         WIDE,
@@ -86,6 +100,24 @@ def byte_vocab(vocab_size: int) -> dict:
     return gguf_vocab_fields(ByteTokenizer(), vocab_size)
 
 
+def converter_tensors(model, names):
+    """``(GGUF name, float32 array)`` of the HF tensors; transformers 5's fused experts
+    ``gate_up_proj`` (E, 2 * moe_i, hidden) split into llama.cpp's gate and up stacks."""
+    for hf, tensor in model.state_dict().items():
+        if hf == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        w = tensor.float().numpy()
+        stem, suffix = hf.rsplit(".", 1)
+        if suffix == "gate_up_proj":
+            gate, up = np.split(w, 2, axis=1)
+            yield f"{names.get_name(stem + '.gate_proj')}.weight", gate
+            yield f"{names.get_name(stem + '.up_proj')}.weight", up
+        elif suffix == "down_proj":
+            yield f"{names.get_name(hf)}.weight", w
+        else:
+            yield f"{names.get_name(stem)}.{suffix}", w
+
+
 def write_gguf(path, model, arch: str, types: dict, vocab: dict) -> None:
     """`model`'s tensors as llama.cpp's converter writes them (types per tensor kind)."""
     config = model.config
@@ -101,6 +133,16 @@ def write_gguf(path, model, arch: str, types: dict, vocab: dict) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     if arch == "llama":
         writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    if arch in ("qwen3", "qwen3moe"):  # llama.cpp's converter: head_dim is in the hparams
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch == "qwen3moe":
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     for key, value in vocab.items():
         if isinstance(value, bool):
             writer.add_bool(key, value)
@@ -112,18 +154,17 @@ def write_gguf(path, model, arch: str, types: dict, vocab: dict) -> None:
             writer.add_array(key, value)
     names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], 8)
     rng = np.random.default_rng(1)
-    for hf, tensor in model.state_dict().items():
-        if hf == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        stem, suffix = hf.rsplit(".", 1)
-        name = f"{names.get_name(stem)}.{suffix}"
-        w = tensor.float().numpy()
+    for name, w in converter_tensors(model, names):
         if arch == "llama" and ".attn_q." in name:
             w = llama_cpp_permute(w, config.num_attention_heads)
         if arch == "llama" and ".attn_k." in name:
             w = llama_cpp_permute(w, config.num_key_value_heads)
         kind = (
-            next((types[k] for k in types if k in name), types.get("2d")) if w.ndim == 2 else None
+            next((types[k] for k in types if k in name), types.get("2d"))
+            if w.ndim == 2 and "ffn_gate_inp" not in name  # the router stays F32
+            else types.get("exps")
+            if w.ndim == 3
+            else None
         )
         if kind in K_BLOCKS:
             writer.add_tensor(name, random_k_blocks(kind, w.shape, rng), raw_dtype=kind)
@@ -170,7 +211,7 @@ def our_logits(path, ids=IDS, **kw) -> np.ndarray:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_gguf_loads_with_transformers_logits(tmp_path, case):
     kind, sizes, types, kw = CASES[case]
-    arch = "qwen2" if kind == "Qwen2Config" else "llama"
+    arch = ARCH[kind]
     model = hf_model(kind, sizes, 258, **kw)
     write_gguf(tmp_path / "m.gguf", model, arch, types, byte_vocab(258))
     ref = transformers_logits(tmp_path, "m.gguf")
@@ -178,13 +219,73 @@ def test_gguf_loads_with_transformers_logits(tmp_path, case):
     diff = float(np.abs(got - ref).max())
     print(f"{case}: max |ours - transformers| = {diff:.2e} (logits up to {np.abs(ref).max():.2f})")
     assert diff <= 1e-4
+    if not types:  # float32 file: transformers' load is the model it was written from
+        with torch.no_grad():
+            source = model(torch.from_numpy(IDS)).logits.float().numpy()
+        assert float(np.abs(ref - source).max()) <= 1e-4
     config, _ = from_gguf(tmp_path / "m.gguf")
     assert config.tie_embeddings == bool(kw.get("tie_word_embeddings", False))
     assert config.attention_bias == (arch == "qwen2")
-    if case == "llama-q8_0":  # scanned layers: the same numbers
+    assert config.qk_norm == arch.startswith("qwen3")
+    if arch == "qwen3moe":
+        want = (MOE["num_experts"], MOE["num_experts_per_tok"], MOE["moe_intermediate_size"])
+        assert (config.num_experts, config.num_experts_per_tok) == want[:2]
+        assert config.moe_intermediate_size == want[2] and config.norm_topk_prob
+    if case in ("llama-q8_0", "qwen3moe-q8_0"):  # scanned layers: the same numbers
         np.testing.assert_allclose(
             our_logits(tmp_path / "m.gguf", scan_layers=True), got, atol=1e-5
         )
+
+
+# f16: the issue's bound; q8_0 (reported): 5% of the largest logit.
+@pytest.mark.parametrize(
+    ("case", "gguf_type", "tol"),
+    [("qwen3-f16", "f16", 1e-2), ("qwen3moe-f32", "f16", 1e-2), ("qwen3moe-f32", "q8_0", 0.05)],
+)
+def test_save_gguf_qwen3_reads_back(tmp_path, case, gguf_type, tol):
+    """Qwen3 / Qwen3-MoE out: read back by transformers and by us, config unchanged."""
+    import dataclasses
+
+    from train.models.gguf_out import save_gguf
+
+    kind, sizes, _, kw = CASES[case]
+    arch = ARCH[kind]
+    write_gguf(tmp_path / "in.gguf", hf_model(kind, sizes, 258, **kw), arch, {}, byte_vocab(258))
+    config, variables = from_gguf(tmp_path / "in.gguf", scan_layers=True)
+    want = our_logits(tmp_path / "in.gguf")
+    out = tmp_path / "out" / "m.gguf"
+    save_gguf(out, config, variables, vocab=byte_vocab(258), gguf_type=gguf_type)
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == arch
+    types = {t.name.split(".")[-2]: t.tensor_type for t in reader.tensors}
+    assert types["attn_q_norm"] == Q.F32 and types["attn_k_norm"] == Q.F32
+    if arch == "qwen3moe":
+        assert types["ffn_gate_inp"] == Q.F32 and "ffn_up" not in types
+        wanted = Q.F16 if gguf_type == "f16" else Q.Q8_0
+        assert {types[f"ffn_{p}_exps"] for p in ("gate", "up", "down")} == {wanted}
+        shapes = {t.name: tuple(reversed(t.shape.tolist())) for t in reader.tensors}
+        assert shapes["blk.1.ffn_up_exps.weight"] == (4, 768, 64)
+        assert shapes["blk.1.ffn_down_exps.weight"] == (4, 64, 768)
+    back, _ = from_gguf(out)
+    assert back == dataclasses.replace(config, scan_layers=False)
+    theirs = transformers_logits(out.parent, out.name)
+    ours = our_logits(out)
+    diffs = (float(np.abs(theirs - want).max()), float(np.abs(ours - want).max()))
+    print(
+        f"{case} out {gguf_type}: max |transformers - model| = {diffs[0]:.2e}, ours {diffs[1]:.2e}"
+    )
+    scale = 1.0 if gguf_type == "f16" else float(np.abs(want).max())
+    assert max(diffs) <= tol * scale
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)  # both readers agree on the file
+    if arch == "qwen3moe":  # what llama.cpp's qwen3moe cannot run is refused
+        for bad in ({"norm_topk_prob": False}, {"mlp_only_layers": (1,)}):
+            with pytest.raises(ValueError, match=r"llama.cpp's qwen3moe runs every layer sparse"):
+                save_gguf(
+                    tmp_path / "bad.gguf",
+                    dataclasses.replace(config, scan_layers=False, **bad),
+                    from_gguf(out)[1],
+                    vocab=byte_vocab(258),
+                )
 
 
 def test_unsupported_architecture_and_type_are_named(tmp_path):

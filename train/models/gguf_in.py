@@ -1,10 +1,16 @@
 """GGUF files in: a llama.cpp checkpoint of the Llama family -> (`LlamaConfig`, variables).
 
-`from_gguf` reads the hyperparameters (``llama.*`` / ``qwen2.*`` keys) and the tensors of a
-``.gguf`` file with the ``gguf`` package (the format's reference reader, an optional
-dependency: ``pip install 'lora_jax[interop]'``), one tensor at a time, dequantizing the
-common types to float32 before casting to the requested dtype. llama.cpp stores Llama's q/k
-rows permuted for its rotary layout; they are permuted back here (Qwen2 is stored as is).
+`from_gguf` reads the hyperparameters (``llama.*`` / ``qwen2.*`` / ``qwen3.*`` /
+``qwen3moe.*`` keys) and the tensors of a ``.gguf`` file with the ``gguf`` package (the
+format's reference reader, an optional dependency: ``pip install 'lora_jax[interop]'``), one
+tensor at a time, dequantizing the common types to float32 before casting to the requested
+dtype. llama.cpp stores Llama's q/k rows permuted for its rotary layout; they are permuted
+back here (llama.cpp's converter permutes only ``llama``: Qwen2 / Qwen3 are stored as is).
+Qwen3's per-head q/k norms are ``blk.N.attn_{q,k}_norm``; Qwen3-MoE's router is
+``blk.N.ffn_gate_inp`` (experts, hidden) and its experts the 3-D ``blk.N.ffn_{gate,up,down}_exps``
+((experts, out, in), numpy order), gate and up joined into the fused ``gate_up_proj``. llama.cpp
+always renormalises Qwen3-MoE's top-k routing weights, so ``norm_topk_prob`` is True unless
+the file says ``qwen3moe.expert_weights_norm`` false (transformers' GGUF loader does the same).
 The tensor names and that permutation are shared with `train.models.gguf_out`.
 """
 
@@ -25,6 +31,8 @@ from train.models.llama import rope_frequencies
 
 __all__ = [
     "ARCHITECTURES",
+    "EXPERTS",
+    "QK_NORM",
     "TENSOR_TYPES",
     "config_from_gguf",
     "from_gguf",
@@ -35,7 +43,8 @@ __all__ = [
     "read_fields",
 ]
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe")
+QK_NORM = ("qwen3", "qwen3moe")
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 # Llama 3.1 / 3.2 rope scaling as Meta ships it; llama.cpp keeps only its factors.
 META_LLAMA3 = {
@@ -54,6 +63,15 @@ _LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_inp": "mlp.gate",
+}
+# Qwen3-MoE's stacked experts -> the fused HF tensor they make (gate and up: gate_up_proj).
+EXPERTS = {
+    "ffn_gate_exps": "gate_up_proj",
+    "ffn_up_exps": "gate_up_proj",
+    "ffn_down_exps": "down_proj",
 }
 
 
@@ -74,13 +92,19 @@ def hf_name(name: str) -> str | None:
     Example:
         >>> hf_name("blk.3.attn_q.bias"), hf_name("output.weight"), hf_name("rope_freqs.weight")
         ('model.layers.3.self_attn.q_proj.bias', 'lm_head.weight', None)
+        >>> hf_name("blk.1.ffn_up_exps.weight")
+        'model.layers.1.mlp.experts.gate_up_proj'
     """
     stem, _, suffix = name.rpartition(".")
     if stem in _TOP:
         return f"{_TOP[stem]}.{suffix}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER:
+    if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit():
+        return None
+    if parts[2] in _LAYER:
         return f"model.layers.{parts[1]}.{_LAYER[parts[2]]}.{suffix}"
+    if parts[2] in EXPERTS and suffix == "weight":
+        return f"model.layers.{parts[1]}.mlp.experts.{EXPERTS[parts[2]]}"
     return None
 
 
@@ -190,11 +214,21 @@ def config_from_gguf(
             f"{where}: {arch}.rope.dimension_count {rotary} != head size {head_dim} "
             "(partial rotary) is not supported."
         )
+    experts: dict[str, Any] = {}
+    if arch == "qwen3moe":
+        gate = shapes.get("blk.0.ffn_gate_exps.weight")
+        moe_i = key("expert_feed_forward_length", gate[1] if gate else None)
+        experts = dict(
+            num_experts=int(key("expert_count")),
+            num_experts_per_tok=int(key("expert_used_count")),
+            moe_intermediate_size=int(moe_i),
+            norm_topk_prob=bool(fields.get(f"{arch}.expert_weights_norm", True)),
+        )
     try:
         return LlamaConfig(
             vocab_size=int(shapes["token_embd.weight"][0]),
             hidden_size=int(hidden),
-            intermediate_size=int(key("feed_forward_length")),
+            intermediate_size=int(key("feed_forward_length", experts.get("moe_intermediate_size"))),
             num_layers=int(key("block_count")),
             num_heads=int(heads),
             num_kv_heads=int(key("attention.head_count_kv", heads)),
@@ -204,6 +238,8 @@ def config_from_gguf(
             rms_norm_eps=_float32(key("attention.layer_norm_rms_epsilon", 1e-5)),
             attention_bias=arch == "qwen2",
             tie_embeddings="output.weight" not in shapes,
+            qk_norm=arch in QK_NORM,
+            **experts,
         )
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from err
@@ -221,13 +257,18 @@ def _dequantized(gguf: Any, tensor: Any, dtype: Any, where: str) -> np.ndarray:
 
 
 class _Lazy(Mapping[str, np.ndarray]):
-    """``{HF name: array}`` whose arrays are made when read (`from_hf_state` reads each once)."""
+    """``{HF name: array}`` whose arrays are made when read (`from_hf_state` reads each once);
+    an HF name made of several GGUF tensors (gate and up experts) joins them on axis 1."""
 
-    def __init__(self, names: dict[str, str], read: Any) -> None:
+    def __init__(self, names: dict[str, list[str]], read: Any) -> None:
         self._names, self._read = names, read
 
     def __getitem__(self, key: str) -> np.ndarray:
-        return self._read(self._names[key])
+        parts = [self._read(name) for name in self._names[key]]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def __contains__(self, key: object) -> bool:  # without reading the tensor
+        return key in self._names
 
     def __iter__(self) -> Any:
         return iter(self._names)
@@ -239,7 +280,7 @@ class _Lazy(Mapping[str, np.ndarray]):
 def from_gguf(
     path: str | os.PathLike, *, dtype: Any = "float32", scan_layers: bool = False
 ) -> tuple[LlamaConfig, dict[str, Any]]:
-    """Loads a Llama-family (``llama``, ``qwen2``) GGUF file.
+    """Loads a Llama-family (``llama``, ``qwen2``, ``qwen3``, ``qwen3moe``) GGUF file.
 
     Args:
         path: the ``.gguf`` file.
@@ -280,7 +321,10 @@ def from_gguf(
 
     # Dequantized when read, one tensor at a time: besides the memory-mapped file, loading
     # holds the params built so far and the one tensor being converted.
-    state = _Lazy({str(hf_name(name)): name for name in tensors}, read)
+    names: dict[str, list[str]] = {}
+    for name in sorted(tensors, key=lambda n: "ffn_up_exps" in n):  # gate before up
+        names.setdefault(str(hf_name(name)), []).append(name)
+    state = _Lazy(names, read)
     config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
     params = from_hf_state(config, state, dtype=dtype, scan_layers=scan_layers, source=str(file))
     return config, {"params": params}

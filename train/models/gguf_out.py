@@ -1,10 +1,14 @@
 """GGUF files out: (`LlamaConfig`, variables) -> a ``.gguf`` file llama.cpp-family runtimes run.
 
-`save_gguf` writes llama.cpp's ``llama`` architecture (or ``qwen2`` for a model with q/k/v
-biases) with the ``gguf`` package's writer: the hyperparameters, the tokenizer fields it is
-given, and the tensors under llama.cpp's names, Llama's q/k rows permuted for llama.cpp's
-rotary layout. Matrices are stored as F16 or Q8_0 (rows not a multiple of 32 wide stay F16),
-norms and biases as F32, as llama.cpp's own converter does. Llama 3 rope scaling is stored as
+`save_gguf` writes llama.cpp's ``llama`` architecture (``qwen2`` for a model with q/k/v
+biases, ``qwen3`` for one with q/k norms, ``qwen3moe`` for Qwen3-MoE) with the ``gguf``
+package's writer: the hyperparameters, the tokenizer fields it is given, and the tensors under
+llama.cpp's names, Llama's q/k rows permuted for llama.cpp's rotary layout (only Llama's, as
+llama.cpp's converter does). Qwen3-MoE's experts are stacked into the 3-D
+``blk.N.ffn_{gate,up,down}_exps``; llama.cpp runs every layer sparse with renormalised top-k
+weights, so a model with dense layers or ``norm_topk_prob=False`` is refused. Matrices are
+stored as F16 or Q8_0 (rows not a multiple of 32 wide stay F16), norms, biases and the router
+``ffn_gate_inp`` as F32, as llama.cpp's own converter does. Llama 3 rope scaling is stored as
 llama.cpp stores it: a ``rope_freqs.weight`` tensor of per-frequency factors.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -21,25 +26,59 @@ import numpy as np
 
 import lora_jax as lj
 from train.models.config import LlamaConfig
-from train.models.gguf_in import gguf_module, gguf_name, permute_rows
+from train.models.gguf_in import QK_NORM, gguf_module, gguf_name, permute_rows
 from train.models.hf_state import to_hf_state
 from train.models.llama import rope_frequencies
 
 __all__ = ["GGUF_TYPES", "export_gguf", "save_gguf"]
 
 GGUF_TYPES = ("f16", "q8_0")
+# A per-expert Linear of `to_hf_state` (expert-major, so each stack fills in expert order).
+_EXPERT = re.compile(
+    r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight"
+)
 
 
 def _architecture(config: LlamaConfig) -> str:
+    if config.family != "llama" or dict(config.rope_scaling or {}).get("rope_type") == "linear":
+        raise ValueError(
+            f"GGUF export: family {config.family!r} with rope scaling "
+            f"{dict(config.rope_scaling or {}).get('rope_type', 'default')!r} is not supported; "
+            "only the llama / qwen2 / qwen3 / qwen3moe architectures without linear rope "
+            "scaling are written."
+        )
     if config.sliding_window is not None:
         raise ValueError(
             f"GGUF export: a sliding window ({config.sliding_window}) has no GGUF key for the "
-            "llama / qwen2 architectures; llama.cpp would attend to every position."
+            "llama / qwen2 / qwen3 architectures; llama.cpp would attend to every position."
         )
-    return "qwen2" if config.attention_bias else "llama"
+    if (config.qk_norm or config.num_experts) and config.attention_bias:
+        raise ValueError(
+            "GGUF export: q/k norms or experts with q/k/v biases match no llama.cpp "
+            "architecture (qwen3 / qwen3moe have no biases)."
+        )
+    if not config.num_experts:
+        arch = "qwen3" if config.qk_norm else "qwen2" if config.attention_bias else "llama"
+        if arch == "qwen3" and config.rope_scaling is not None:
+            raise ValueError(
+                f"GGUF export: llama.cpp keeps Llama 3 rope scaling for llama only, not {arch}."
+            )
+        return arch
+    dense = [i for i in range(config.num_layers) if not config.is_sparse_layer(i)]
+    if not config.qk_norm or dense or not config.norm_topk_prob:
+        raise ValueError(
+            "GGUF export: llama.cpp's qwen3moe runs every layer sparse, with q/k norms and "
+            f"renormalised top-k weights; found dense layers {dense}, qk_norm={config.qk_norm}, "
+            f"norm_topk_prob={config.norm_topk_prob}."
+        )
+    if config.rope_scaling is not None:
+        raise ValueError(
+            "GGUF export: llama.cpp keeps Llama 3 rope scaling for llama only, not qwen3moe."
+        )
+    return "qwen3moe"
 
 
-def _hyperparameters(writer: Any, config: LlamaConfig, gguf_type: str) -> None:
+def _hyperparameters(writer: Any, config: LlamaConfig, gguf_type: str, arch: str) -> None:
     gguf = gguf_module()
     heads, head_dim = config.num_heads, int(config.head_dim or 0)
     writer.add_file_type(
@@ -55,9 +94,13 @@ def _hyperparameters(writer: Any, config: LlamaConfig, gguf_type: str) -> None:
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    if head_dim * heads != config.hidden_size:
+    if head_dim * heads != config.hidden_size or arch in QK_NORM:  # as llama.cpp's converter
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if arch == "qwen3moe":
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(int(config.moe_intermediate_size or 0))
 
 
 def _add_field(writer: Any, key: str, value: Any) -> None:
@@ -74,7 +117,7 @@ def _add_field(writer: Any, key: str, value: Any) -> None:
 def _add_tensor(writer: Any, name: str, array: np.ndarray, gguf_type: str) -> None:
     gguf = gguf_module()
     values = np.ascontiguousarray(array, np.float32)
-    if values.ndim == 1:
+    if values.ndim == 1 or name.endswith(".ffn_gate_inp.weight"):
         writer.add_tensor(name, values)
     elif gguf_type == "q8_0" and values.shape[-1] % 32 == 0:
         kind = gguf.GGMLQuantizationType.Q8_0
@@ -120,11 +163,20 @@ def save_gguf(
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         writer.add_name(name)
-        _hyperparameters(writer, config, gguf_type)
+        _hyperparameters(writer, config, gguf_type, arch)
         for key, value in vocab.items():
             _add_field(writer, key, value)
         heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
+        stacks: dict[str, list[np.ndarray]] = {}
         for hf, array in to_hf_state(config, variables).items():
+            expert = _EXPERT.fullmatch(hf)
+            if expert:  # stacked once every expert's Linear is in: (experts, out, in)
+                layer, part = expert.group(1), expert.group(3)
+                out = f"blk.{layer}.ffn_{part.removesuffix('_proj')}_exps.weight"
+                stacks.setdefault(out, []).append(np.asarray(array))
+                if len(stacks[out]) == config.num_experts:
+                    _add_tensor(writer, out, np.stack(stacks.pop(out)), gguf_type)
+                continue
             out = gguf_name(hf)
             kind = out.split(".")[-2]
             if arch == "llama" and kind in heads:
