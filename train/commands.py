@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import resource
 import shutil
+import sys
 import time
 from typing import Any, TextIO
 
@@ -170,10 +172,14 @@ def _sample_pair(s: Settings, base: Base, frozen: Any, lora: Any) -> dict[str, s
     def cache() -> Any:
         return init_cache(base.config, 1, length, dtype=jnp.dtype(s.dtype))
 
-    def plain(params: Any, ids: jax.Array, c: Any) -> Any:
+    def apply(params: Any, ids: jax.Array, c: Any) -> Any:
         return model.apply(params, ids, cache=c)
 
-    fwd = _LoraForward(lj.lora_apply(model.apply, deterministic=True))
+    # A model with more embeddings than its tokenizer has ids samples only ids it can decode.
+    plain = _TokenizerIds(apply, base.tokenizer.vocab_size)
+    fwd = _TokenizerIds(
+        _LoraForward(lj.lora_apply(model.apply, deterministic=True)), base.tokenizer.vocab_size
+    )
     if base.quant is None:
         base_ids = generate(plain, base.variables, prompt, cache(), **kwargs)[0]
     else:  # a quantized base runs through the library (no adapters): unpacked where used
@@ -187,6 +193,18 @@ def _sample_pair(s: Settings, base: Base, frozen: Any, lora: Any) -> dict[str, s
             ids = generate(fwd, (frozen, lora), prompt, cache(), **kwargs)[0]
         out["adapted"] = base.tokenizer.decode(ids)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenizerIds:
+    """A sampling forward whose logits keep only the first `vocab` ids (the tokenizer's)."""
+
+    forward: Any
+    vocab: int
+
+    def __call__(self, params: Any, ids: jax.Array, c: Any) -> Any:
+        logits, c = self.forward(params, ids, c)
+        return logits[..., : self.vocab], c
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +310,7 @@ def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
     if main:
         report["samples"] = _sample_pair(s, base, result.frozen, result.lora)
         report["seconds"] = time.perf_counter() - t_start
+        report["peak_rss_bytes"] = peak_rss_bytes()
         references = {"base": base_loss}
         if report.get("full_eval_loss") is not None:
             references["full fine-tune"] = report["full_eval_loss"]
@@ -355,6 +374,17 @@ def _bytes_line(s: Settings, r: dict[str, Any]) -> str:
     return line
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (the OS's high-water mark), in bytes.
+
+    Example:
+        >>> peak_rss_bytes() > 0
+        True
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux: KiB
+
+
 def _lora_report(r: LoraResult) -> dict[str, Any]:
     return {
         "lora_eval_loss": r.eval_loss,
@@ -401,6 +431,7 @@ def _format_report(s: Settings, base: Base, r: dict[str, Any], run_dir: pathlib.
         f"({100 * r['trainable_share']:.2f}%), rank {s.rank} on {s.targets}",
         f"Adapter           {_adapter_line(r)}",
         f"Tokens/s          {speed}",
+        f"Peak memory       {r['peak_rss_bytes'] / 2**20:,.0f} MiB (process RSS high-water mark)",
         f"Time              {r['seconds']:.0f} s in all, LoRA training {r['train_seconds']:.0f} s",
         f"Sample            prompt {s.prompt!r}",
         f"  base:    {r['samples']['base']!r}",

@@ -9,9 +9,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LlamaConfig", "PRESETS", "ROPE_TYPES"]
+__all__ = ["FAMILIES", "LlamaConfig", "PRESETS", "ROPE_TYPES"]
 
-ROPE_TYPES = ("default", "llama3")
+ROPE_TYPES = ("default", "llama3", "linear")
+FAMILIES = ("llama", "gemma3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 RopeScaling = tuple[tuple[str, float | str], ...]
@@ -52,6 +53,14 @@ def _freeze_rope_scaling(value: Any) -> RopeScaling | None:
     rope_type = items.pop("rope_type", items.pop("type", "default"))
     if rope_type in (None, "default"):
         return None
+    if rope_type == "linear":
+        if set(items) != {"factor"}:
+            raise ValueError(
+                "LlamaConfig.rope_scaling (linear) needs exactly ['factor']; found "
+                f"{sorted(items)}."
+            )
+        _positive_number("rope_scaling['factor']", items["factor"])
+        return (("rope_type", "linear"), ("factor", float(items["factor"])))
     if rope_type != "llama3":
         raise ValueError(
             f"LlamaConfig.rope_scaling: rope_type {rope_type!r} is not supported; "
@@ -113,6 +122,44 @@ def _check_experts(c: LlamaConfig) -> None:
         )
 
 
+_GEMMA_ONLY = (
+    "query_pre_attn_scalar",
+    "final_logit_softcapping",
+    "rope_local_theta",
+)
+
+
+def _check_family(c: LlamaConfig) -> None:
+    """Validates `family` and the Gemma 3 fields; freezes `global_layers` to a sorted tuple."""
+    if c.family not in FAMILIES:
+        raise ValueError(f"LlamaConfig.family must be one of {FAMILIES}; found {c.family!r}.")
+    try:
+        layers = tuple(sorted({int(i) for i in c.global_layers}))
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"LlamaConfig.global_layers must be layer indices; found {c.global_layers!r}."
+        ) from err
+    if any(not 0 <= i < c.num_layers for i in layers):
+        raise ValueError(
+            f"LlamaConfig.global_layers must be in [0, {c.num_layers}); found {list(layers)}."
+        )
+    object.__setattr__(c, "global_layers", layers)
+    for name in _GEMMA_ONLY:
+        if getattr(c, name) is not None:
+            _positive_number(name, getattr(c, name))
+    if c.family == "llama":
+        used = [n for n in (*_GEMMA_ONLY, "global_layers") if getattr(c, n)]
+        if used:
+            raise ValueError(f"LlamaConfig: {used} are Gemma 3 fields; set family='gemma3'.")
+        return
+    if not c.qk_norm or c.num_experts or c.attention_bias:
+        raise ValueError(
+            "LlamaConfig(family='gemma3') needs qk_norm=True, no experts and no attention_bias; "
+            f"found qk_norm={c.qk_norm}, num_experts={c.num_experts}, "
+            f"attention_bias={c.attention_bias}."
+        )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
     """The architecture of a Llama-family decoder: static and hashable (safe under `jax.jit`).
@@ -129,12 +176,14 @@ class LlamaConfig:
         max_seq_len: longest KV cache `init_cache` accepts.
         rope_theta: rotary base.
         rope_scaling: HF rope scaling, as a dict or sorted ``(key, value)`` pairs (stored as
-            pairs): None / ``rope_type="default"``, or ``"llama3"`` with ``factor``,
-            ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``.
+            pairs): None / ``rope_type="default"``, ``"llama3"`` with ``factor``,
+            ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``,
+            or ``"linear"`` with ``factor`` (positions divided by it).
         rms_norm_eps: RMSNorm epsilon.
         attention_bias: a bias on q/k/v (Qwen2); never on o_proj.
         tie_embeddings: the output head is the transposed embedding (no ``lm_head``).
-        sliding_window: each query sees only the last `sliding_window` positions (Mistral).
+        sliding_window: each query sees only the last `sliding_window` positions (Mistral;
+            Gemma 3's local layers), itself included.
         qk_norm: an RMSNorm over ``head_dim`` on each query and key head before the rotary
             embedding (Qwen3's ``q_norm`` / ``k_norm``).
         num_experts: 0 for a dense MLP in every layer; else the number of routed experts of
@@ -146,6 +195,18 @@ class LlamaConfig:
         decoder_sparse_step: layer ``i`` is sparse when ``(i + 1) % decoder_sparse_step == 0``
             and ``i`` is not in `mlp_only_layers`.
         mlp_only_layers: layers that keep the dense MLP (stored as a sorted tuple).
+        family: ``"llama"``, or ``"gemma3"`` for Gemma 3's block: RMSNorms scaling by
+            ``1 + weight`` (the ``scale`` params hold HF's raw ``weight``), norms before and
+            after attention and MLP, a GeGLU MLP (tanh GELU), the embedding times
+            ``sqrt(hidden_size)``; it needs ``qk_norm``.
+        global_layers: Gemma 3's full-attention layers; every other layer is local (sees
+            `sliding_window` positions, rotary base `rope_local_theta`). Gemma 3 only.
+        rope_local_theta: the rotary base of the local layers, without `rope_scaling`
+            (Gemma 3's ``rope_local_base_freq``); None: the global rotary everywhere.
+        query_pre_attn_scalar: the attention scores are scaled by its ``** -0.5`` instead of
+            ``head_dim ** -0.5`` (Gemma 3).
+        final_logit_softcapping: the output logits become ``cap * tanh(logits / cap)``
+            (Gemma 3 may set it).
         scan_layers: the layers are one `nn.scan` (params under ``layers/`` with a leading
             layer axis) instead of ``layers_0`` ... ``layers_{n-1}``.
         dtype: compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
@@ -180,6 +241,11 @@ class LlamaConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    family: str = "llama"
+    global_layers: tuple[int, ...] = ()
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
+    final_logit_softcapping: float | None = None
     scan_layers: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -216,6 +282,7 @@ class LlamaConfig:
                 )
         set_(self, "rope_scaling", _freeze_rope_scaling(self.rope_scaling))
         _check_experts(self)
+        _check_family(self)
         set_(self, "dtype", _float_dtype("dtype", self.dtype))
         set_(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))
 
@@ -234,6 +301,17 @@ class LlamaConfig:
             and (layer + 1) % self.decoder_sparse_step == 0
         )
 
+    def is_local_layer(self, layer: int) -> bool:
+        """Whether layer `layer` attends through the sliding window (not a global layer).
+
+        Args:
+            layer: the layer index.
+
+        Returns:
+            True when `sliding_window` is set and `layer` is not in `global_layers`.
+        """
+        return self.sliding_window is not None and layer not in self.global_layers
+
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-able dict (`rope_scaling` as a dict); `from_dict` inverts it.
 
@@ -243,6 +321,7 @@ class LlamaConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
         out["mlp_only_layers"] = list(self.mlp_only_layers)
+        out["global_layers"] = list(self.global_layers)
         return out
 
     @classmethod

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from train.models.config import LlamaConfig
+from train.models.gemma3_config import GEMMA3, gemma3_fields, gemma3_to_hf
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "config_from_hf", "config_to_hf"]
 
@@ -20,9 +21,14 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
+    GEMMA3,
 )
 _MODEL_TYPES = dict(
-    zip(("llama", "mistral", "qwen2", "qwen3", "qwen3_moe"), SUPPORTED_ARCHITECTURES, strict=True)
+    zip(
+        ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3_text"),
+        SUPPORTED_ARCHITECTURES,
+        strict=True,
+    )
 )
 _QWEN3 = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 _REQUIRED = (
@@ -133,7 +139,8 @@ def config_from_hf(hf: Mapping[str, Any], *, path: str | os.PathLike | None = No
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:
         raise ValueError(f"{where}: missing keys {missing}.")
-    if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
+    gemma = gemma3_fields(hf, where) if arch == GEMMA3 else {}
+    if (not gemma and hf.get("hidden_act", "silu") != "silu") or hf.get("mlp_bias"):
         raise ValueError(f"{where}: only a bias-free SiLU MLP is supported.")
     if arch in ("LlamaForCausalLM", *_QWEN3) and hf.get("attention_bias"):
         raise ValueError(f"{where}: attention_bias=true (a bias on o_proj) is not supported.")
@@ -145,7 +152,7 @@ def config_from_hf(hf: Mapping[str, Any], *, path: str | os.PathLike | None = No
         "Qwen3MoeForCausalLM": lambda: _moe_window(hf),
     }
     try:
-        return LlamaConfig(
+        fields = dict(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
@@ -163,6 +170,7 @@ def config_from_hf(hf: Mapping[str, Any], *, path: str | os.PathLike | None = No
             qk_norm=arch in _QWEN3,
             **_experts(hf, arch, where),
         )
+        return LlamaConfig(**{**fields, **gemma})
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from err
 
@@ -170,7 +178,8 @@ def config_from_hf(hf: Mapping[str, Any], *, path: str | os.PathLike | None = No
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
     """A ``config.json`` dict for `config` that ``transformers`` (4 or 5) loads.
 
-    Experts make it ``Qwen3MoeForCausalLM``, else ``qk_norm`` ``Qwen3ForCausalLM``, else
+    ``family="gemma3"`` makes it ``Gemma3ForCausalLM``; experts ``Qwen3MoeForCausalLM``, else
+    ``qk_norm`` ``Qwen3ForCausalLM``, else
     ``attention_bias`` ``Qwen2ForCausalLM``, else a sliding window ``MistralForCausalLM``,
     else ``LlamaForCausalLM``.
 
@@ -189,7 +198,7 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
         >>> config_to_hf(PRESETS["tiny"])["architectures"]
         ['LlamaForCausalLM']
     """
-    arch = _arch_of(config)
+    arch = GEMMA3 if config.family == "gemma3" else _arch_of(config)
     if arch is None and config.attention_bias:
         arch = "Qwen2ForCausalLM"
     elif arch is None:
@@ -219,6 +228,8 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
         "dtype": config.param_dtype,
         "torch_dtype": config.param_dtype,
     }
+    if arch == GEMMA3:
+        return gemma3_to_hf(config, out)
     if arch == "LlamaForCausalLM":
         out.update(attention_bias=False, mlp_bias=False)
     elif arch == "MistralForCausalLM":

@@ -1,11 +1,14 @@
-"""`Llama`: a Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3, Qwen3-MoE) in Flax.
+"""`Llama`: a Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 3).
 
 The architecture is HuggingFace's ``LlamaForCausalLM`` with eager attention: RMSNorm in
 float32, rotary embeddings in the ``rotate_half`` convention, grouped-query attention, a
 SwiGLU MLP and an untied or tied output head; Qwen3's per-head q/k RMSNorm (``qk_norm``) and
-Qwen3-MoE's routed experts (`train.models.moe.SparseMoe`) are options. Every projection is
-a plain `nn.Dense` and the embedding an `nn.Embed`, so `lora_jax` computes their low-rank
-path factored (the experts' through `jax.lax.ragged_dot`). Parameter
+Qwen3-MoE's routed experts (`train.models.moe.SparseMoe`) are options, and
+``family="gemma3"`` is Gemma 3's block (``Gemma3ForCausalLM``: ``1 + weight`` RMSNorms around
+attention and MLP, GeGLU, the ``sqrt(hidden)`` embedding scale, local sliding-window layers
+with their own rotary base between global ones, optional final-logit soft-capping). Every
+projection is a plain `nn.Dense` and the embedding an `nn.Embed`, so `lora_jax` computes
+their low-rank path factored (the experts' through `jax.lax.ragged_dot`). Parameter
 names follow HuggingFace (``layers_0/self_attn/q_proj/kernel`` is
 ``model.layers.0.self_attn.q_proj.weight`` transposed); `train.models.hf` maps them.
 
@@ -35,14 +38,17 @@ _INIT = nn.initializers.normal(0.02)
 _F32 = jnp.float32
 
 
-def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+def rope_frequencies(config: LlamaConfig, *, local: bool = False) -> np.ndarray:
     """The rotary inverse frequencies, ``(head_dim // 2,)`` float32, as HuggingFace computes them.
 
     Args:
-        config: the model config (``head_dim``, ``rope_theta``, ``rope_scaling``).
+        config: the model config (``head_dim``, ``rope_theta``, ``rope_scaling``,
+            ``rope_local_theta``).
+        local: those of the sliding-window layers: base ``rope_local_theta`` without scaling
+            when it is set (Gemma 3), else the same as the global ones.
 
     Returns:
-        The inverse frequencies, with Llama 3.1 scaling applied when configured.
+        The inverse frequencies, with Llama 3.1 or linear scaling applied when configured.
 
     Example:
         >>> from train.models import LlamaConfig, rope_frequencies
@@ -53,8 +59,12 @@ def rope_frequencies(config: LlamaConfig) -> np.ndarray:
     """
     dim = typing.cast(int, config.head_dim)  # resolved by LlamaConfig.__post_init__
     exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    inv = (np.float32(1.0) / np.float32(config.rope_theta) ** exponent).astype(np.float32)
-    scaling = dict(config.rope_scaling or ())
+    own_base = local and config.rope_local_theta is not None
+    theta = config.rope_local_theta if own_base else config.rope_theta
+    inv = (np.float32(1.0) / np.float32(theta) ** exponent).astype(np.float32)
+    scaling = {} if own_base else dict(config.rope_scaling or ())
+    if scaling.get("rope_type") == "linear":
+        return (inv / np.float32(scaling["factor"])).astype(np.float32)
     if scaling.get("rope_type") != "llama3":
         return inv
     factor, low, high = (
@@ -69,9 +79,10 @@ def rope_frequencies(config: LlamaConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def _rope(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _rope(config: LlamaConfig, positions: jax.Array, local: bool) -> tuple[jax.Array, jax.Array]:
     """cos and sin, ``(batch, seq, 1, head_dim)`` in the compute dtype."""
-    freqs = positions[..., None].astype(_F32) * jnp.asarray(rope_frequencies(config))
+    inv = rope_frequencies(config, local=local)
+    freqs = positions[..., None].astype(_F32) * jnp.asarray(inv)
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     return jnp.cos(angles).astype(config.dtype), jnp.sin(angles).astype(config.dtype)
 
@@ -88,12 +99,17 @@ def _mask(q_slots: jax.Array, k_slots: jax.Array, window: int | None) -> jax.Arr
     return ok & (diff < window) if window is not None else ok
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def _attend(c: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array):
     """Grouped-query attention, HF eager style: softmax in float32. q ``(b, s, h, d)``."""
     b, s, h, d = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, s, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k) * jnp.asarray(d**-0.5, q.dtype)
+    scale = (c.query_pre_attn_scalar or d) ** -0.5
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k) * jnp.asarray(scale, q.dtype)
     scores = jnp.where(mask, scores.astype(_F32), jnp.finfo(_F32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, h * d)
@@ -111,18 +127,28 @@ def _dense(config: LlamaConfig, features: int, name: str, bias: bool = False) ->
 
 
 class _RMSNorm(nn.Module):
-    """HF RMSNorm: ``x * rsqrt(mean(x^2) + eps)`` in float32, then ``* scale``."""
+    """HF RMSNorm: ``x * rsqrt(mean(x^2) + eps)`` in float32, then ``* scale``; Gemma's
+    (`plus_one`) multiplies by ``1 + scale`` in float32 before the cast (scale starts at 0)."""
 
     eps: float
     dtype: str
     param_dtype: str
+    plus_one: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(_F32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (y * (1.0 + scale.astype(_F32))).astype(self.dtype)
         return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def _norm(c: LlamaConfig) -> Any:
+    """The RMSNorm of `c`'s family, waiting for its ``name``."""
+    return functools.partial(_RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype, c.family == "gemma3")
 
 
 class _Attention(nn.Module):
@@ -138,20 +164,19 @@ class _Attention(nn.Module):
         q = _dense(c, c.num_heads * hd, "q_proj", bias)(x).reshape(b, s, c.num_heads, hd)
         k = _dense(c, c.num_kv_heads * hd, "k_proj", bias)(x).reshape(b, s, c.num_kv_heads, hd)
         v = _dense(c, c.num_kv_heads * hd, "v_proj", bias)(x).reshape(b, s, c.num_kv_heads, hd)
-        if c.qk_norm:  # Qwen3: RMSNorm over head_dim of each head, before the rotation
-            norm = functools.partial(_RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype)
-            q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
+        if c.qk_norm:  # Qwen3, Gemma 3: RMSNorm over head_dim of each head, before the rotation
+            q, k = _norm(c)(name="q_norm")(q), _norm(c)(name="k_norm")(k)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         if kv is not None:
             update = functools.partial(jax.lax.dynamic_update_slice, start_indices=(0, end, 0, 0))
             kv = (update(kv[0], k.astype(kv[0].dtype)), update(kv[1], v.astype(kv[1].dtype)))
             k, v = kv[0].astype(c.dtype), kv[1].astype(c.dtype)
-        out = _attend(q, k, v, mask)
+        out = _attend(c, q, k, v, mask)
         return _dense(c, c.hidden_size, "o_proj")(out), kv
 
 
 class _Mlp(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``; Gemma 3's GeGLU has the tanh GELU."""
 
     config: LlamaConfig
 
@@ -160,25 +185,32 @@ class _Mlp(nn.Module):
         c = self.config
         gate = _dense(c, c.intermediate_size, "gate_proj")(x)
         up = _dense(c, c.intermediate_size, "up_proj")(x)
-        return _dense(c, c.hidden_size, "down_proj")(nn.silu(gate) * up)
+        act = nn.silu(gate) if c.family == "llama" else nn.gelu(gate, approximate=True)
+        return _dense(c, c.hidden_size, "down_proj")(act * up)
 
 
 class _DecoderLayer(nn.Module):
-    """Pre-norm block; scannable as ``(x, cos, sin, mask, kv, end) -> (x, kv)``. `sparse`:
-    the MLP is the routed experts (`SparseMoe`) instead of the dense SwiGLU."""
+    """Pre-norm block; scannable as ``(x, cos, sin, mask, kind, kv, end) -> (x, kv)``, where
+    `cos`, `sin` and `mask` are stacked per layer kind and `kind` (an int, traced under scan)
+    picks this layer's. `sparse`: the MLP is the routed experts (`SparseMoe`) instead of the
+    dense SwiGLU. Gemma 3 also norms the attention and MLP outputs (sandwich norms)."""
 
     config: LlamaConfig
     sparse: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv, end):
+    def __call__(self, x, cos, sin, mask, kind, kv, end):
         c = self.config
-        norm = functools.partial(_RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype)
+        norm = _norm(c)
         h, kv = _Attention(c, name="self_attn")(
-            norm(name="input_layernorm")(x), cos, sin, mask, kv, end
+            norm(name="input_layernorm")(x), cos[kind], sin[kind], mask[kind], kv, end
         )
-        x = x + h
         mlp = SparseMoe(c, name="mlp") if self.sparse else _Mlp(c, name="mlp")
+        if c.family == "gemma3":
+            x = x + norm(name="post_attention_layernorm")(h)
+            h = mlp(norm(name="pre_feedforward_layernorm")(x))
+            return x + norm(name="post_feedforward_layernorm")(h), kv
+        x = x + h
         return x + mlp(norm(name="post_attention_layernorm")(x)), kv
 
 
@@ -237,39 +269,60 @@ class Llama(nn.Module):
         end = jnp.zeros((), jnp.int32) if cache is None else cache["end"]
         slots = end + jnp.arange(s, dtype=jnp.int32)
         positions = slots if positions is None else jnp.asarray(positions)
-        cos, sin = _rope(c, jnp.broadcast_to(positions, (b, s)))
         keys = slots if cache is None else jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
-        mask = _mask(slots, keys, c.sliding_window)
+        cos, sin, mask = _kind_tables(c, jnp.broadcast_to(positions, (b, s)), slots, keys)
         embed = nn.Embed(
             c.vocab_size, c.hidden_size, c.dtype, c.param_dtype, _INIT, name="embed_tokens"
         )
-        x, kv = _decoder_stack(c, embed(ids), cos, sin, mask, cache, end)
-        x = _RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x)
+        x = embed(ids)
+        if c.family == "gemma3":  # sqrt(hidden) rounded to the dtype first, as HF does
+            x = x * jnp.asarray(np.float32(np.sqrt(c.hidden_size)), _F32).astype(x.dtype)
+        x, kv = _decoder_stack(c, x, cos, sin, mask, cache, end)
+        x = _norm(c)(name="norm")(x)
         head = embed.attend if c.tie_embeddings else _dense(c, c.vocab_size, "lm_head")
-        logits = head(x).astype(_F32)
+        logits = _softcap(head(x).astype(_F32), c.final_logit_softcapping)
         if cache is None:
             return logits
         return logits, {"k": kv[0], "v": kv[1], "end": end + s}
 
 
+def _layer_kinds(c: LlamaConfig) -> tuple[list[bool], list[int]]:
+    """The attention kinds present (local = sliding window) and each layer's index into them."""
+    local = [c.is_local_layer(i) for i in range(c.num_layers)]
+    kinds = sorted(set(local))
+    return kinds, [kinds.index(x) for x in local]
+
+
+def _kind_tables(c: LlamaConfig, positions, slots, keys) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """cos, sin ``(kinds, batch, seq, 1, head_dim)`` and masks ``(kinds, seq, keys)``: one
+    entry per attention kind present (one for every model but Gemma 3's two)."""
+    kinds, _ = _layer_kinds(c)
+    ropes = [_rope(c, positions, local) for local in kinds]
+    masks = [_mask(slots, keys, c.sliding_window if local else None) for local in kinds]
+    cos = jnp.stack([cos for cos, _ in ropes])
+    return cos, jnp.stack([sin for _, sin in ropes]), jnp.stack(masks)
+
+
 def _decoder_stack(c: LlamaConfig, x, cos, sin, mask, cache, end) -> tuple[jax.Array, Any]:
     """The decoder layers (unrolled ``layers_{i}`` or one scanned ``layers``); call it inside
     a compact method. Returns ``(x, (k, v))``, the cache part None without a cache."""
+    _, index = _layer_kinds(c)
     if c.scan_layers:
         stack = nn.scan(
             _DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True, lj.DROPOUT_RNG: True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
             length=c.num_layers,
         )
         kv = None if cache is None else (cache["k"], cache["v"])
-        return stack(c, c.is_sparse_layer(0), name="layers")(x, cos, sin, mask, kv, end)
+        kinds = jnp.asarray(index, jnp.int32)
+        return stack(c, c.is_sparse_layer(0), name="layers")(x, cos, sin, mask, kinds, kv, end)
     new = []
     for i in range(c.num_layers):
         kv = None if cache is None else (cache["k"][i], cache["v"][i])
         layer = _DecoderLayer(c, c.is_sparse_layer(i), name=f"layers_{i}")
-        x, kv = layer(x, cos, sin, mask, kv, end)
+        x, kv = layer(x, cos, sin, mask, index[i], kv, end)
         new.append(kv)
     return x, None if cache is None else tuple(jnp.stack(t) for t in zip(*new, strict=True))
 
