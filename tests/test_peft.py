@@ -58,7 +58,7 @@ def _hf_base(kind: str) -> transformers.PreTrainedModel:
     return model
 
 
-@pytest.fixture(scope="module", params=["LlamaConfig", "Qwen2Config"])
+@pytest.fixture(scope="module", params=["LlamaConfig", "MistralConfig", "Qwen2Config"])
 def base(request, tmp_path_factory):
     """The HF folder of a tiny model and its unrolled Flax load with layouts."""
     folder = tmp_path_factory.mktemp(request.param)
