@@ -359,8 +359,8 @@ def test_byte_tokenizer_as_gguf_vocabulary():
 
     tok = tokenizer_from_fields(fields, name="bytes")
     assert tok.encode("hé!").tolist() == list("hé!".encode())
-    with pytest.raises(ValueError, match=r"tokenizer.ggml.model 'llama' is not supported"):
-        tokenizer_from_fields({**fields, "tokenizer.ggml.model": "llama"}, name="sp")
+    with pytest.raises(ValueError, match=r"tokenizer.ggml.model 't5' is not supported"):
+        tokenizer_from_fields({**fields, "tokenizer.ggml.model": "t5"}, name="sp")
 
 
 # --- the app: finetune on a GGUF base, export --gguf-out ---------------------------------
@@ -462,3 +462,231 @@ def test_save_gguf_round_trip_with_llama3_rope(tmp_path):
     with pytest.raises(ValueError, match=r"a sliding window \(8\) has no GGUF key"):
         save_gguf(tmp_path / "w.gguf", window, variables, vocab=byte_vocab(258))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "odd.gguf"]  # no tmp left
+
+
+# --- Gemma 3: llama.cpp's gemma3 (norms stored as 1 + w), SentencePiece vocabulary -------------
+
+# llama.cpp runs every 6th layer global with local rotary base 10000 and scales attention by
+# head_dim ** -0.5; transformers' GGUF loader keeps Gemma3TextConfig's defaults (pattern 6,
+# local base 10000, query_pre_attn_scalar 256), so the tiny models use head_dim 256.
+GEMMA3 = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=256,
+    query_pre_attn_scalar=256,
+    sliding_window=4,  # the 13-token inputs are longer than the window
+    max_position_embeddings=64,
+)
+GEMMA3_CASES = {"gemma3-f32": {}, "gemma3-f16-tied": {"2d": Q.F16}, "gemma3-q8_0": {"2d": Q.Q8_0}}
+
+
+@pytest.fixture(scope="module")
+def gemma_tok(tmp_path_factory) -> HFTokenizer:
+    """A Gemma-style byte-fallback BPE ``tokenizer.json`` (``<pad>``/``<eos>``/``<bos>``/
+    ``<unk>`` at ids 0-3, ``<0xNN>`` byte pieces), as tests/test_gemma3.py makes it."""
+    from test_gemma3 import gemma_style_tokenizer
+
+    folder = tmp_path_factory.mktemp("gemma_tok")
+    gemma_style_tokenizer(folder)
+    return HFTokenizer(folder / "tokenizer.json")
+
+
+def gemma3_model(vocab_size: int, tied: bool):
+    config = transformers.Gemma3TextConfig(
+        vocab_size=vocab_size, tie_word_embeddings=tied, **GEMMA3, attn_implementation="eager"
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # Gemma's norms scale by 1 + w: all drawn around 0
+            p.copy_(0.15 * torch.randn_like(p))
+    return model
+
+
+def write_gemma3_gguf(path, model, types: dict, vocab: dict) -> None:
+    """`model` as llama.cpp's converter writes gemma3: its hyperparameters, norms + 1 in F32."""
+    config = model.config
+    writer = gguf.GGUFWriter(path, "gemma3")
+    writer.add_name("tiny gemma3")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
+    writer.add_sliding_window(config.sliding_window)
+    for key, value in vocab.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers)
+    for name, w in converter_tensors(model, names):
+        kind = types.get("2d") if w.ndim == 2 else None
+        if name.endswith("norm.weight"):
+            w = w + 1.0
+        if kind == Q.Q8_0:
+            writer.add_tensor(name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, w.astype(np.float16 if kind == Q.F16 else np.float32))
+    for step in ("write_header_to_file", "write_kv_data_to_file", "write_tensors_to_file", "close"):
+        getattr(writer, step)()
+
+
+def gemma3_vocab(tok: HFTokenizer) -> tuple[int, dict]:
+    vocab_size = tok.vocab_size + 4  # a padded embedding, as Gemma's
+    return vocab_size, gguf_vocab_fields(tok, vocab_size)
+
+
+@pytest.mark.parametrize("case", sorted(GEMMA3_CASES))
+def test_gemma3_gguf_loads_with_transformers_logits(tmp_path, gemma_tok, case):
+    types = GEMMA3_CASES[case]
+    vocab_size, vocab = gemma3_vocab(gemma_tok)
+    model = gemma3_model(vocab_size, tied="tied" in case)
+    write_gemma3_gguf(tmp_path / "m.gguf", model, types, vocab)
+    ids = IDS % vocab_size
+    ref = transformers_logits(tmp_path, "m.gguf", ids)
+    got = our_logits(tmp_path / "m.gguf", ids)
+    diff = float(np.abs(got - ref).max())
+    print(f"{case}: max |ours - transformers| = {diff:.2e} (logits up to {np.abs(ref).max():.2f})")
+    assert diff <= 1e-4
+    if not types:  # float32: transformers' load is the model it was written from
+        with torch.no_grad():
+            source = model(torch.from_numpy(ids)).logits.float().numpy()
+        assert float(np.abs(got - source).max()) <= 1e-4
+    config, _ = from_gguf(tmp_path / "m.gguf")
+    assert config.family == "gemma3" and config.qk_norm and config.sliding_window == 4
+    assert config.global_layers == (5,) and config.rope_local_theta == 10000.0
+    assert config.query_pre_attn_scalar == 256 and config.tie_embeddings == ("tied" in case)
+    if case == "gemma3-q8_0":  # scanned layers: the same numbers
+        np.testing.assert_allclose(
+            our_logits(tmp_path / "m.gguf", ids, scan_layers=True), got, atol=1e-5
+        )
+
+
+def test_gemma3_save_gguf_f16_reads_back(tmp_path, gemma_tok):
+    import dataclasses
+
+    from train.models.gguf_out import save_gguf
+
+    vocab_size, vocab = gemma3_vocab(gemma_tok)
+    write_gemma3_gguf(tmp_path / "in.gguf", gemma3_model(vocab_size, False), {}, vocab)
+    config, variables = from_gguf(tmp_path / "in.gguf", scan_layers=True)
+    ids = IDS % vocab_size
+    want = our_logits(tmp_path / "in.gguf", ids)
+    out = tmp_path / "out" / "m.gguf"
+    save_gguf(out, config, variables, vocab=vocab, gguf_type="f16")
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == "gemma3"
+    assert reader.fields["gemma3.attention.sliding_window"].contents() == 4
+    types = {t.name.split(".")[-2]: t.tensor_type for t in reader.tensors}
+    assert {types[k] for k in ("post_attention_norm", "ffn_norm", "post_ffw_norm")} == {Q.F32}
+    back, _ = from_gguf(out)
+    assert back == dataclasses.replace(config, scan_layers=False)
+    theirs = transformers_logits(out.parent, out.name, ids)
+    ours = our_logits(out, ids)
+    diffs = (float(np.abs(theirs - want).max()), float(np.abs(ours - want).max()))
+    print(f"gemma3 out f16: max |transformers - model| = {diffs[0]:.2e}, ours {diffs[1]:.2e}")
+    assert max(diffs) <= 1e-2
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)  # both readers agree on the file
+    # what llama.cpp's gemma3 would run differently is refused
+    plain = dataclasses.replace(config, scan_layers=False)
+    for bad, what in (
+        ({"global_layers": (1, 3, 5)}, "global layers"),
+        ({"rope_local_theta": 500.0}, "local rotary base"),
+        ({"query_pre_attn_scalar": 24.0}, "query_pre_attn_scalar"),
+        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ):
+        with pytest.raises(ValueError, match=rf"llama.cpp's gemma3 would run .*{what}"):
+            save_gguf(
+                tmp_path / "bad.gguf", dataclasses.replace(plain, **bad), variables, vocab=vocab
+            )
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_gemma3_linear_rope_round_trip(tmp_path, gemma_tok):
+    """Linear rope scaling (Gemma 3 4B and up) is written as llama.cpp's rope.scaling keys."""
+    from train.models import LlamaConfig
+    from train.models.gguf_out import save_gguf
+
+    vocab_size, vocab = gemma3_vocab(gemma_tok)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=6,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=32,
+        family="gemma3",
+        qk_norm=True,
+        tie_embeddings=True,
+        sliding_window=4,
+        global_layers=(5,),
+        rope_theta=1_000_000.0,
+        rope_local_theta=10000.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        query_pre_attn_scalar=32,
+        max_seq_len=64,
+    )
+    variables = jax.jit(Llama(config).init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    save_gguf(tmp_path / "m.gguf", config, variables, vocab=vocab, gguf_type="f16")
+    back, loaded = from_gguf(tmp_path / "m.gguf")
+    assert back == config
+    ids = jnp.asarray(IDS % vocab_size)
+    want = jax.jit(Llama(config).apply)(variables, ids)
+    np.testing.assert_allclose(jax.jit(Llama(back).apply)(loaded, ids), want, atol=1e-2)
+
+
+GEMMA_TEXTS = [*TEXTS, "def wrap(text): ☃ é", "  two  spaces\n\tand a tab"]
+
+
+def test_gemma3_sentencepiece_tokenizer_round_trip(tmp_path, gemma_tok):
+    """tokenizer.json -> GGUF ("llama" vocabulary) -> ours and transformers' GGUF tokenizer."""
+    vocab_size, vocab = gemma3_vocab(gemma_tok)
+    assert vocab["tokenizer.ggml.model"] == "llama"
+    assert len(vocab["tokenizer.ggml.scores"]) == vocab_size
+    types = vocab["tokenizer.ggml.token_type"]
+    assert types[:4] == [3, 3, 3, 2] and types[gemma_tok.backend.token_to_id("<0x41>")] == 6
+    assert (vocab["tokenizer.ggml.unknown_token_id"], vocab["tokenizer.ggml.padding_token_id"]) == (
+        3,
+        0,
+    )
+    write_gemma3_gguf(tmp_path / "t.gguf", gemma3_model(vocab_size, True), {}, vocab)
+    ours = load_gguf_tokenizer(tmp_path / "t.gguf")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="t.gguf")
+    assert (ours.bos_id, ours.eos_id) == (gemma_tok.bos_id, gemma_tok.eos_id) == (2, 1)
+    for text in GEMMA_TEXTS:
+        ids = ours.encode(text).tolist()
+        assert ids == theirs.encode(text, add_special_tokens=False), text
+        assert ids == gemma_tok.encode(text).tolist(), text  # as before the round trip
+        assert ours.decode(ids) == gemma_tok.decode(ids) == text
+    again = gguf_vocab_fields(ours, vocab_size)  # and back out: the same vocabulary
+    for key in ("tokens", "token_type", "bos_token_id", "eos_token_id", "unknown_token_id"):
+        assert again[f"tokenizer.ggml.{key}"] == vocab[f"tokenizer.ggml.{key}"], key
+
+
+def test_sentencepiece_without_transformers_says_what_to_install(monkeypatch, gemma_tok):
+    import sys
+
+    from train.gguf_tokenizer import tokenizer_from_fields
+
+    _, vocab = gemma3_vocab(gemma_tok)
+    for module in (
+        "transformers.integrations.gguf.gguf_tokenizer_mapping",
+        "transformers.integrations.ggml",
+    ):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ValueError, match=r"pip install transformers"):
+        tokenizer_from_fields(vocab, name="sp.gguf")

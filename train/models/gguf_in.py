@@ -1,16 +1,28 @@
 """GGUF files in: a llama.cpp checkpoint of the Llama family -> (`LlamaConfig`, variables).
 
 `from_gguf` reads the hyperparameters (``llama.*`` / ``qwen2.*`` / ``qwen3.*`` /
-``qwen3moe.*`` keys) and the tensors of a ``.gguf`` file with the ``gguf`` package (the
-format's reference reader, an optional dependency: ``pip install 'lora_jax[interop]'``), one
-tensor at a time, dequantizing the common types to float32 before casting to the requested
-dtype. llama.cpp stores Llama's q/k rows permuted for its rotary layout; they are permuted
-back here (llama.cpp's converter permutes only ``llama``: Qwen2 / Qwen3 are stored as is).
+``qwen3moe.*`` / ``gemma3.*`` keys) and the tensors of a ``.gguf`` file with the ``gguf``
+package (the format's reference reader, an optional dependency: ``pip install
+'lora_jax[interop]'``), one tensor at a time, dequantizing the common types to float32
+before casting to the requested dtype. llama.cpp stores Llama's q/k rows permuted for its
+rotary layout; they are permuted back here (llama.cpp's converter permutes only ``llama``:
+Qwen2 / Qwen3 are stored as is).
 Qwen3's per-head q/k norms are ``blk.N.attn_{q,k}_norm``; Qwen3-MoE's router is
 ``blk.N.ffn_gate_inp`` (experts, hidden) and its experts the 3-D ``blk.N.ffn_{gate,up,down}_exps``
 ((experts, out, in), numpy order), gate and up joined into the fused ``gate_up_proj``. llama.cpp
 always renormalises Qwen3-MoE's top-k routing weights, so ``norm_topk_prob`` is True unless
 the file says ``qwen3moe.expert_weights_norm`` false (transformers' GGUF loader does the same).
+
+Gemma 3 (``gemma3``) follows llama.cpp's conventions, which transformers' GGUF loader mirrors:
+every RMSNorm weight is stored as ``1 + w`` (llama.cpp's converter adds the one Gemma's norms
+apply; it is subtracted here), ``blk.N.post_attention_norm`` / ``ffn_norm`` / ``post_ffw_norm``
+are the post-attention, pre- and post-feed-forward norms, q/k rows are not permuted, and the
+head is tied unless ``output.weight`` is present. llama.cpp hard-codes the rest: with
+``gemma3.attention.sliding_window`` set, every 6th layer is global (``i % 6 == 5``) and the
+local layers rotate with base 10000 unscaled (``rope.freq_base_swa`` and an integer or per-layer
+``attention.sliding_window_pattern`` are honoured when a file has them); the attention scale
+is ``head_dim ** -0.5`` (``hidden / heads`` for the 62-layer 27B); linear rope scaling
+(``rope.scaling.type = "linear"``, ``rope.scaling.factor``) applies to the global layers.
 The tensor names and that permutation are shared with `train.models.gguf_out`.
 """
 
@@ -43,8 +55,10 @@ __all__ = [
     "read_fields",
 ]
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe")
-QK_NORM = ("qwen3", "qwen3moe")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
+QK_NORM = ("qwen3", "qwen3moe", "gemma3")
+# llama.cpp's Gemma 3: every 6th layer global, local layers with rotary base 10000, unscaled.
+GEMMA3_PATTERN, GEMMA3_LOCAL_THETA = 6, 10000.0
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 # Llama 3.1 / 3.2 rope scaling as Meta ships it; llama.cpp keeps only its factors.
 META_LLAMA3 = {
@@ -67,6 +81,13 @@ _LAYER = {
     "attn_k_norm": "self_attn.k_norm",
     "ffn_gate_inp": "mlp.gate",
 }
+# Gemma 3's norms around attention and MLP (llama.cpp's ``ffn_norm`` is the pre-MLP norm).
+_GEMMA3_LAYER = {
+    **_LAYER,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 # Qwen3-MoE's stacked experts -> the fused HF tensor they make (gate and up: gate_up_proj).
 EXPERTS = {
     "ffn_gate_exps": "gate_up_proj",
@@ -86,14 +107,22 @@ def gguf_module() -> Any:
     return gguf
 
 
-def hf_name(name: str) -> str | None:
+def _layer_map(arch: str) -> dict[str, str]:
+    return _GEMMA3_LAYER if arch == "gemma3" else _LAYER
+
+
+def hf_name(name: str, arch: str = "llama") -> str | None:
     """The HuggingFace name of a llama.cpp tensor name (None for one we do not know).
+
+    `arch` picks the norm names (``gemma3``'s ``ffn_norm`` is its pre-feed-forward norm).
 
     Example:
         >>> hf_name("blk.3.attn_q.bias"), hf_name("output.weight"), hf_name("rope_freqs.weight")
         ('model.layers.3.self_attn.q_proj.bias', 'lm_head.weight', None)
         >>> hf_name("blk.1.ffn_up_exps.weight")
         'model.layers.1.mlp.experts.gate_up_proj'
+        >>> hf_name("blk.0.ffn_norm.weight", "gemma3")
+        'model.layers.0.pre_feedforward_layernorm.weight'
     """
     stem, _, suffix = name.rpartition(".")
     if stem in _TOP:
@@ -101,14 +130,15 @@ def hf_name(name: str) -> str | None:
     parts = stem.split(".")
     if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit():
         return None
-    if parts[2] in _LAYER:
-        return f"model.layers.{parts[1]}.{_LAYER[parts[2]]}.{suffix}"
+    layer = _layer_map(arch)
+    if parts[2] in layer:
+        return f"model.layers.{parts[1]}.{layer[parts[2]]}.{suffix}"
     if parts[2] in EXPERTS and suffix == "weight":
         return f"model.layers.{parts[1]}.mlp.experts.{EXPERTS[parts[2]]}"
     return None
 
 
-def gguf_name(name: str) -> str:
+def gguf_name(name: str, arch: str = "llama") -> str:
     """The llama.cpp name of a HuggingFace tensor name (`hf_name` inverted).
 
     Example:
@@ -120,7 +150,7 @@ def gguf_name(name: str) -> str:
         if stem == long:
             return f"{short}.{suffix}"
     _, _, layer, *rest = stem.split(".")
-    short = {v: k for k, v in _LAYER.items()}[".".join(rest)]
+    short = {v: k for k, v in _layer_map(arch).items()}[".".join(rest)]
     return f"blk.{layer}.{short}.{suffix}"
 
 
@@ -202,7 +232,7 @@ def config_from_gguf(
         )
     key = lambda name, default=None: _key(fields, f"{arch}.{name}", where, default)
     scaling = fields.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none":
+    if scaling != "none" and not (arch == "gemma3" and scaling == "linear"):
         raise ValueError(f"{where}: {arch}.rope.scaling.type {scaling!r} is not supported.")
     if "token_embd.weight" not in shapes:
         raise ValueError(f"{where}: no tensor 'token_embd.weight'.")
@@ -240,9 +270,43 @@ def config_from_gguf(
             tie_embeddings="output.weight" not in shapes,
             qk_norm=arch in QK_NORM,
             **experts,
+            **(_gemma3_fields(fields, int(head_dim), where) if arch == "gemma3" else {}),
         )
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from err
+
+
+def _gemma3_fields(fields: Mapping[str, Any], head_dim: int, where: str) -> dict[str, Any]:
+    """The Gemma 3 `LlamaConfig` fields of a ``gemma3`` file, as llama.cpp runs it."""
+    key = lambda name, default=None: _key(fields, f"gemma3.{name}", where, default)
+    layers, hidden = int(key("block_count")), int(key("embedding_length"))
+    window = int(key("attention.sliding_window", 0)) or None
+    pattern = fields.get("gemma3.attention.sliding_window_pattern", GEMMA3_PATTERN)
+    if isinstance(pattern, list):  # llama.cpp's per-layer form: True = sliding window
+        if len(pattern) != layers:
+            raise ValueError(
+                f"{where}: gemma3.attention.sliding_window_pattern has "
+                f"{len(pattern)} entries for {layers} layers."
+            )
+        global_layers = tuple(i for i, local in enumerate(pattern) if not local)
+    else:
+        global_layers = tuple(i for i in range(layers) if (i + 1) % int(pattern) == 0)
+    scaling = None
+    if fields.get("gemma3.rope.scaling.type", "none") == "linear":
+        scaling = {"rope_type": "linear", "factor": _float32(key("rope.scaling.factor"))}
+    # llama.cpp's attention scale: 1/sqrt(head_dim), 1/sqrt(hidden / heads) for the 27B.
+    heads = int(key("attention.head_count"))
+    scalar = hidden // heads if layers == 62 else head_dim
+    return dict(
+        family="gemma3",
+        sliding_window=window,
+        global_layers=global_layers if window else (),
+        rope_scaling=scaling,
+        rope_local_theta=_float32(key("rope.freq_base_swa", GEMMA3_LOCAL_THETA))
+        if window
+        else None,
+        query_pre_attn_scalar=scalar,
+    )
 
 
 def _dequantized(gguf: Any, tensor: Any, dtype: Any, where: str) -> np.ndarray:
@@ -280,7 +344,7 @@ class _Lazy(Mapping[str, np.ndarray]):
 def from_gguf(
     path: str | os.PathLike, *, dtype: Any = "float32", scan_layers: bool = False
 ) -> tuple[LlamaConfig, dict[str, Any]]:
-    """Loads a Llama-family (``llama``, ``qwen2``, ``qwen3``, ``qwen3moe``) GGUF file.
+    """Loads a Llama-family (``llama``, ``qwen2``, ``qwen3``, ``qwen3moe``, ``gemma3``) GGUF file.
 
     Args:
         path: the ``.gguf`` file.
@@ -308,22 +372,28 @@ def from_gguf(
     if "rope_freqs.weight" in tensors:
         factors = _dequantized(gguf, tensors.pop("rope_freqs.weight"), "float32", str(file))
         config = _llama3(config, factors.reshape(-1), str(file))
-    unknown = sorted(name for name in tensors if hf_name(name) is None)
+    arch = reader.fields["general.architecture"].contents()
+    unknown = sorted(name for name in tensors if hf_name(name, arch) is None)
     if unknown:
         raise ValueError(f"{file}: tensors of no Llama-family layer: [{listing(unknown)}].")
     heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
-    llama = reader.fields["general.architecture"].contents() == "llama"
 
     def read(name: str) -> np.ndarray:
+        if arch == "gemma3" and name.endswith("norm.weight"):  # stored as 1 + w
+            return (_dequantized(gguf, tensors[name], "float32", str(file)) - 1.0).astype(
+                jnp.dtype(dtype)
+            )
         array = _dequantized(gguf, tensors[name], dtype, str(file))
         kind = name.split(".")[-2]
-        return permute_rows(array, heads[kind], inverse=True) if llama and kind in heads else array
+        if arch == "llama" and kind in heads:
+            return permute_rows(array, heads[kind], inverse=True)
+        return array
 
     # Dequantized when read, one tensor at a time: besides the memory-mapped file, loading
     # holds the params built so far and the one tensor being converted.
     names: dict[str, list[str]] = {}
     for name in sorted(tensors, key=lambda n: "ffn_up_exps" in n):  # gate before up
-        names.setdefault(str(hf_name(name)), []).append(name)
+        names.setdefault(str(hf_name(name, arch)), []).append(name)
     state = _Lazy(names, read)
     config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
     params = from_hf_state(config, state, dtype=dtype, scan_layers=scan_layers, source=str(file))

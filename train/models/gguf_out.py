@@ -10,6 +10,13 @@ weights, so a model with dense layers or ``norm_topk_prob=False`` is refused. Ma
 stored as F16 or Q8_0 (rows not a multiple of 32 wide stay F16), norms, biases and the router
 ``ffn_gate_inp`` as F32, as llama.cpp's own converter does. Llama 3 rope scaling is stored as
 llama.cpp stores it: a ``rope_freqs.weight`` tensor of per-frequency factors.
+
+Gemma 3 (``family="gemma3"``) is written as llama.cpp's ``gemma3``: norm weights stored as
+``1 + w``, ``gemma3.attention.sliding_window``, key/value lengths, linear rope scaling as
+``rope.scaling.type`` / ``factor``. llama.cpp hard-codes the rest, so a model it would run
+differently is refused: global layers other than every 6th, a local rotary base other than
+10000 (or scaled), an attention scale other than llama.cpp's (``query_pre_attn_scalar`` =
+head_dim; ``hidden / heads`` for 62 layers) and final-logit soft-capping.
 """
 
 from __future__ import annotations
@@ -26,7 +33,14 @@ import numpy as np
 
 import lora_jax as lj
 from train.models.config import LlamaConfig
-from train.models.gguf_in import QK_NORM, gguf_module, gguf_name, permute_rows
+from train.models.gguf_in import (
+    GEMMA3_LOCAL_THETA,
+    GEMMA3_PATTERN,
+    QK_NORM,
+    gguf_module,
+    gguf_name,
+    permute_rows,
+)
 from train.models.hf_state import to_hf_state
 from train.models.llama import rope_frequencies
 
@@ -39,13 +53,53 @@ _EXPERT = re.compile(
 )
 
 
+def _gemma3(config: LlamaConfig) -> str:
+    """``"gemma3"``, or a `ValueError` naming what llama.cpp's gemma3 would run differently."""
+    n = config.num_layers
+    problems = []
+    if config.sliding_window is not None:
+        pattern = tuple(i for i in range(n) if (i + 1) % GEMMA3_PATTERN == 0)
+        if config.global_layers != pattern:
+            problems.append(
+                f"global layers {list(config.global_layers)} (llama.cpp: every "
+                f"{GEMMA3_PATTERN}th, {list(pattern)})"
+            )
+        local = config.rope_local_theta
+        if (local is None and (config.rope_scaling or config.rope_theta != GEMMA3_LOCAL_THETA)) or (
+            local is not None and local != GEMMA3_LOCAL_THETA
+        ):
+            problems.append(
+                f"a local rotary base {local or config.rope_theta} (llama.cpp: "
+                f"{GEMMA3_LOCAL_THETA:g}, unscaled)"
+            )
+    scalar = config.hidden_size // config.num_heads if n == 62 else config.head_dim
+    if (config.query_pre_attn_scalar or config.head_dim) != scalar:
+        problems.append(
+            f"query_pre_attn_scalar {config.query_pre_attn_scalar} (llama.cpp: {scalar})"
+        )
+    if config.final_logit_softcapping is not None:
+        problems.append(f"final_logit_softcapping {config.final_logit_softcapping}")
+    kind = dict(config.rope_scaling or {}).get("rope_type", "linear")
+    if kind != "linear":
+        problems.append(f"rope scaling {kind!r} (llama.cpp's gemma3: linear only)")
+    if problems:
+        raise ValueError(
+            "GGUF export: llama.cpp's gemma3 would run this Gemma 3 differently: "
+            + "; ".join(problems)
+            + "."
+        )
+    return "gemma3"
+
+
 def _architecture(config: LlamaConfig) -> str:
+    if config.family == "gemma3":
+        return _gemma3(config)
     if config.family != "llama" or dict(config.rope_scaling or {}).get("rope_type") == "linear":
         raise ValueError(
             f"GGUF export: family {config.family!r} with rope scaling "
             f"{dict(config.rope_scaling or {}).get('rope_type', 'default')!r} is not supported; "
-            "only the llama / qwen2 / qwen3 / qwen3moe architectures without linear rope "
-            "scaling are written."
+            "only the llama / qwen2 / qwen3 / qwen3moe / gemma3 architectures (linear rope "
+            "scaling for gemma3 only) are written."
         )
     if config.sliding_window is not None:
         raise ValueError(
@@ -97,6 +151,12 @@ def _hyperparameters(writer: Any, config: LlamaConfig, gguf_type: str, arch: str
     if head_dim * heads != config.hidden_size or arch in QK_NORM:  # as llama.cpp's converter
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if arch == "gemma3":
+        if config.sliding_window is not None:
+            writer.add_sliding_window(config.sliding_window)
+        if config.rope_scaling:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(dict(config.rope_scaling)["factor"]))
     if arch == "qwen3moe":
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
@@ -139,7 +199,7 @@ def save_gguf(
 
     Args:
         path: the ``.gguf`` file to create or replace.
-        config: the architecture (no sliding window).
+        config: the architecture (no sliding window, except Gemma 3's as llama.cpp runs it).
         variables: ``{"params": ...}`` (scanned or not) or the params collection.
         vocab: the ``tokenizer.ggml.*`` fields (`train.gguf_tokenizer.gguf_vocab_fields`).
         gguf_type: ``"f16"`` or ``"q8_0"`` for the matrices.
@@ -177,10 +237,12 @@ def save_gguf(
                 if len(stacks[out]) == config.num_experts:
                     _add_tensor(writer, out, np.stack(stacks.pop(out)), gguf_type)
                 continue
-            out = gguf_name(hf)
+            out = gguf_name(hf, arch)
             kind = out.split(".")[-2]
             if arch == "llama" and kind in heads:
                 array = permute_rows(np.asarray(array), heads[kind])
+            if arch == "gemma3" and out.endswith("norm.weight"):  # llama.cpp stores 1 + w
+                array = np.asarray(array, np.float32) + 1.0
             _add_tensor(writer, out, np.asarray(array), gguf_type)
         if dict(config.rope_scaling or {}).get("rope_type") == "llama3":
             plain = rope_frequencies(dataclasses.replace(config, rope_scaling=None))
