@@ -22,19 +22,17 @@ from lora_jax.core._contract import (
     low_rank_conv,
     low_rank_dot,
 )
-from lora_jax.core._dora import weight_norm
+from lora_jax.core._dora import dora_gain, dora_output
 from lora_jax.core._packed import unpack
 
 __all__ = ["decomposed_conv", "decomposed_dot", "finish"]
 
 
 def _gain(cur: Any, value: Any, view: Any) -> Any:
-    """``m / ‖W + s·a@b‖`` (float32, ``(*stack, *out)``) for the kernel `value` as `view`
-    sees it."""
+    """DoRA's gain (`dora_gain`) for the kernel `value` as `view` sees it."""
     inverse = [view.axes.index(k) for k in range(len(view.axes))]
     kernel = jnp.transpose(unpack(value), inverse)
-    norm = weight_norm(kernel, cur.a, cur.b, cur.layout, cur.scale)
-    return cur.magnitude.astype(jnp.float32) / norm
+    return dora_gain(kernel, cur.a, cur.b, cur.layout, cur.scale, cur.magnitude)
 
 
 def finish(
@@ -61,13 +59,12 @@ def finish(
     g = arrange(_gain(cur, *kernel))
     base = interp.bind(eqn, invals)
     interp.note(cur, f"factored ({how}, DoRA)")
-    if dropped is invals[at]:
-        out = g * (base.astype(jnp.float32) + term.astype(jnp.float32))
-    else:
+    base_dropped = None
+    if dropped is not invals[at]:
         vals = list(invals)
         vals[at] = dropped
-        base_dropped = interp.bind(eqn, vals).astype(jnp.float32)
-        out = base.astype(jnp.float32) + (g - 1.0) * base_dropped + g * term.astype(jnp.float32)
+        base_dropped = interp.bind(eqn, vals)
+    out = dora_output(g, base, term, base_dropped)
     return out.astype(base.dtype)
 
 

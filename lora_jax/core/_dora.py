@@ -13,7 +13,7 @@ from jax import lax
 from lora_jax.core._layout import Layout
 from lora_jax.core._weights import LoraWeights, scaled_delta, to_matrix
 
-__all__ = ["dora_kernel", "out_shape", "per_output", "weight_norm"]
+__all__ = ["dora_gain", "dora_kernel", "dora_output", "out_shape", "per_output", "weight_norm"]
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -70,6 +70,20 @@ def dora_kernel(kernel: Any, a: Any, b: Any, layout: Layout, scale: float, magni
     what merging folds in, and what a use that cannot be factored reads."""
     w = LoraWeights(a, b, layout, scale=1.0)
     full = kernel.astype(jnp.float32) + scaled_delta(w, scale, jnp.float32)
-    norm = weight_norm(kernel, a, b, layout, scale)
-    gain = magnitude.astype(jnp.float32) / norm
-    return full * per_output(gain, layout)
+    return full * per_output(dora_gain(kernel, a, b, layout, scale, magnitude), layout)
+
+
+def dora_gain(kernel: Any, a: Any, b: Any, layout: Layout, scale: float, magnitude: Any) -> Any:
+    """DoRA's gain ``m / ‖W + s·a@b‖``, float32 ``(*stack, *out)``; no gradient reaches the
+    norm (`weight_norm`)."""
+    return magnitude.astype(jnp.float32) / weight_norm(kernel, a, b, layout, scale)
+
+
+def dora_output(g: Any, base: Any, term: Any, base_dropped: Any = None) -> Any:
+    """A DoRA layer's output from its parts, in float32, as PEFT computes it: ``g·(W x +
+    term)``, or while LoRA dropout runs ``W x + (g - 1)·W x' + g·term`` (`base_dropped` is
+    ``W x'``, the base on the dropped input the term was computed on)."""
+    base, term = base.astype(jnp.float32), term.astype(jnp.float32)
+    if base_dropped is None:
+        return g * (base + term)
+    return base + (g - 1.0) * base_dropped.astype(jnp.float32) + g * term

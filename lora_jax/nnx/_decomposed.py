@@ -8,9 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax.numpy as jnp
-
-from lora_jax.core._dora import dora_kernel, weight_norm
+from lora_jax.core._dora import dora_gain, dora_kernel, dora_output
 from lora_jax.core._weights import LoraWeights, delta
 
 __all__ = ["finish", "gain", "merge_into", "own_bias"]
@@ -20,8 +18,8 @@ def gain(module: Any) -> Any:
     """DoRA's ``m / ‖W + s·a@b‖`` of a layer's adapter, float32 ``(*out)``."""
     kernel = getattr(module, module.lora_target).get_value()
     a, b = module.lora_a.get_value(), module.lora_b.get_value()
-    norm = weight_norm(kernel, a, b, module.lora_layout, module.lora_scale)
-    return module.lora_magnitude.get_value().astype(jnp.float32) / norm
+    magnitude = module.lora_magnitude.get_value()
+    return dora_gain(kernel, a, b, module.lora_layout, module.lora_scale, magnitude)
 
 
 def own_bias(module: Any) -> Any:
@@ -41,12 +39,8 @@ def finish(module: Any, y: Any, x: Any, dropped: Any, term: Any, base: Callable[
     g = gain(module)
     bias = own_bias(module)
     unbiased = lambda v: v if bias is None else v - bias.astype(v.dtype)
-    z = unbiased(y).astype(jnp.float32)
-    if dropped is x:
-        out = g * (z + term.astype(jnp.float32))
-    else:
-        z_dropped = unbiased(base(dropped)).astype(jnp.float32)
-        out = z + (g - 1.0) * z_dropped + g * term.astype(jnp.float32)
+    z_dropped = None if dropped is x else unbiased(base(dropped))
+    out = dora_output(g, unbiased(y), term, z_dropped)
     return (out if bias is None else out + bias.astype(out.dtype)).astype(y.dtype)
 
 
