@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import tokenizers
 from helpers import perturb
+from hf_models import random_model
 from test_sampling import Forward
 
 import lora_jax as lj
@@ -83,12 +84,7 @@ MEASURED: dict[str, float] = {}
 def hf_model(case: str):
     """A tiny random transformers model; every weight drawn (Gemma's norms scale by 1 + w)."""
     config = transformers.Gemma3TextConfig(**SIZES, **CASES[case], attn_implementation="eager")
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.15 * torch.randn_like(p))
-    return model
+    return random_model(config, norm_offset=False)
 
 
 def torch_logits(model, ids=IDS) -> np.ndarray:

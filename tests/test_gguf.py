@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
+from hf_models import random_model
 
 import lora_jax as lj
 from train.cli import main
@@ -118,6 +119,19 @@ def converter_tensors(model, names):
             yield f"{names.get_name(stem)}.{suffix}", w
 
 
+def add_fields(writer, fields: dict) -> None:
+    """Writes tokenizer fields with the gguf writer's typed adders."""
+    for key, value in fields.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+
+
 def write_gguf(path, model, arch: str, types: dict, vocab: dict) -> None:
     """`model`'s tensors as llama.cpp's converter writes them (types per tensor kind)."""
     config = model.config
@@ -143,15 +157,7 @@ def write_gguf(path, model, arch: str, types: dict, vocab: dict) -> None:
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-    for key, value in vocab.items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
+    add_fields(writer, vocab)
     names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], 8)
     rng = np.random.default_rng(1)
     for name, w in converter_tensors(model, names):
@@ -187,12 +193,7 @@ def hf_model(kind: str, sizes: dict, vocab_size: int, **kw):
         **kw,
         attn_implementation="eager",
     )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(0.15 * torch.randn_like(p) + (1.0 if name.endswith("norm.weight") else 0.0))
-    return model
+    return random_model(config)
 
 
 def transformers_logits(folder, file, ids=IDS) -> np.ndarray:
@@ -522,15 +523,7 @@ def write_gemma3_gguf(path, model, types: dict, vocab: dict) -> None:
     writer.add_value_length(config.head_dim)
     writer.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
     writer.add_sliding_window(config.sliding_window)
-    for key, value in vocab.items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
+    add_fields(writer, vocab)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers)
     for name, w in converter_tensors(model, names):
         kind = types.get("2d") if w.ndim == 2 else None

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_models import random_model
 
 from train.models import Llama, LlamaConfig, from_pretrained, save_pretrained
 
@@ -58,12 +59,7 @@ IDS = np.random.default_rng(0).integers(0, SIZES["vocab_size"], (3, 17))
 def hf_model(kind: str, **kw):
     """A tiny random transformers model; every weight drawn (norms near 1, biases non-zero)."""
     config = getattr(transformers, kind)(**SIZES, **kw, attn_implementation="eager")
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(0.15 * torch.randn_like(p) + (1.0 if name.endswith("norm.weight") else 0.0))
-    return model
+    return random_model(config)
 
 
 def hf_logits(model, ids=IDS) -> np.ndarray:

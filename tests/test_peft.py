@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 import safetensors
+from hf_models import random_model
 
 import lora_jax as lj
 from train.models import Llama, from_pretrained
@@ -50,12 +51,7 @@ MEASURED: dict[str, float] = {}  # max |logit difference| per check, printed wit
 def _hf_base(kind: str) -> transformers.PreTrainedModel:
     """A tiny random transformers model (float32, eager), every weight drawn."""
     config = getattr(transformers, kind)(**SIZES, attn_implementation="eager")
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(0.15 * torch.randn_like(p) + (1.0 if name.endswith("norm.weight") else 0.0))
-    return model
+    return random_model(config)
 
 
 @pytest.fixture(scope="module", params=["LlamaConfig", "MistralConfig", "Qwen2Config"])

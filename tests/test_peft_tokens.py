@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 import test_peft as tp
+from hf_models import random_model
 
 import lora_jax as lj
 from train.models import Llama, from_pretrained
@@ -49,11 +50,7 @@ def base(request, tmp_path_factory):
     config = transformers.LlamaConfig(
         **SIZES, tie_word_embeddings=tied, attn_implementation="eager"
     )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(0.15 * torch.randn_like(p) + (1.0 if name.endswith("norm.weight") else 0.0))
+    model = random_model(config)
     folder = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(folder)
     config, variables = from_pretrained(folder)

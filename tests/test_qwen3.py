@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import perturb
+from hf_models import random_model
 from test_cli_hf import train_tokenizer
 from test_sampling import Forward, greedy_without_cache
 
@@ -78,12 +79,7 @@ MEASURED: dict[str, float] = {}
 def hf_model(kind: str, **kw):
     """A tiny random transformers model; every weight drawn (norms near 1)."""
     config = getattr(transformers, kind)(**SIZES, **kw, attn_implementation="eager")
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(0.15 * torch.randn_like(p) + (1.0 if name.endswith("norm.weight") else 0.0))
-    return model
+    return random_model(config)
 
 
 def torch_logits(model, ids=IDS) -> np.ndarray:
