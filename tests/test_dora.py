@@ -699,3 +699,24 @@ def test_configs_refuse_what_peft_refuses():
     for init in ("pissa", "olora"):
         with pytest.raises(ValueError, match="needs an init that keeps the base"):
             lj.LoraConfig(targets="w", lora_bias=True, init=init)
+
+
+def test_the_norm_of_a_bfloat16_kernel_makes_no_float32_copy():
+    """A bf16 base: the norm contracts the kernel as stored with float32 accumulation. It
+    equals the float64 norm of the bf16 kernel's values (a rounds to bf16 in the cross term
+    only), and the traced program never converts the kernel to float32."""
+    from lora_jax.core._dora import weight_norm
+    from lora_jax.core._layout import Layout
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    kernel = (0.05 * jax.random.normal(keys[0], (64, 48))).astype(jnp.bfloat16)
+    a = 0.02 * jax.random.normal(keys[1], (64, 4))
+    b = 0.1 * jax.random.normal(keys[2], (4, 48))
+    layout = Layout("dense", (0,), (1,))
+    want = np.linalg.norm(as_f64(kernel) + 2.0 * as_f64(a) @ as_f64(b), axis=0)
+    got = weight_norm(kernel, a, b, layout, 2.0)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3)
+    program = jax.make_jaxpr(lambda k: weight_norm(k, a, b, layout, 2.0))(kernel)
+    for eqn in program.jaxpr.eqns:
+        if eqn.primitive.name == "convert_element_type":
+            assert eqn.invars[0].aval.shape != kernel.shape, eqn

@@ -40,15 +40,24 @@ def weight_norm(kernel: Any, a: Any, b: Any, layout: Layout, scale: float) -> ja
         scale: the low-rank multiplier s.
     """
     kernel, a, b = (lax.stop_gradient(x) for x in (kernel, a, b))
-    w = to_matrix(kernel.astype(jnp.float32), layout)  # (S, in, out)
+    w = to_matrix(kernel, layout)  # (S, in, out), in the kernel's dtype
     r = a.shape[-1]
     a3 = a.astype(jnp.float32).reshape(w.shape[0], w.shape[1], r)
     b3 = b.astype(jnp.float32).reshape(w.shape[0], r, w.shape[2])
-    wa = jnp.einsum("sio,sir->sor", w, a3, precision=_HIGHEST)
+    if jnp.dtype(w.dtype).itemsize < 4:
+        # A bf16/f16 base: contract it as stored with float32 accumulation (a product of two
+        # such values is exact in float32), so no float32 copy of W is made.
+        f32 = jnp.float32
+        w_sq = jnp.einsum("sio,sio->so", w, w, preferred_element_type=f32)
+        wa = jnp.einsum("sio,sir->sor", w, a3.astype(w.dtype), preferred_element_type=f32)
+    else:
+        w = w.astype(jnp.float32)
+        w_sq = jnp.sum(jnp.square(w), axis=1)
+        wa = jnp.einsum("sio,sir->sor", w, a3, precision=_HIGHEST)
     gram = jnp.einsum("sir,siq->srq", a3, a3, precision=_HIGHEST)
     cross = jnp.einsum("sor,sro->so", wa, b3, precision=_HIGHEST)
     low = jnp.einsum("sro,srq,sqo->so", b3, gram, b3, precision=_HIGHEST)
-    squared = jnp.sum(jnp.square(w), axis=1) + 2.0 * scale * cross + scale * scale * low
+    squared = w_sq + 2.0 * scale * cross + scale * scale * low
     norm = jnp.sqrt(jnp.maximum(squared, 0.0))
     return norm.reshape(out_shape(tuple(b.shape), layout))
 
