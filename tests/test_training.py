@@ -86,6 +86,22 @@ def test_base_bit_identical_state_small_one_compile():
     assert np.mean(losses[-5:]) < 0.25 * losses[0], losses  # a learnable task, learnt
 
 
+def test_jit_state_placed_beside_a_committed_base_compiles_once(caplog):
+    """The step's outputs are committed: `place_state` commits the state to the base's device,
+    so the second call reuses the first compile (it compiled twice before)."""
+    frozen, state = start()
+    frozen = jax.device_put(frozen, jax.devices()[0])
+    strategy = lj.parallel.jit()
+    step = lj.make_train_step(loss_fn, optimizer(), strategy=strategy)
+    state = strategy.place_state(state, frozen)
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        for b in batches(3):
+            state, _ = step(state, frozen, b)
+    done = "Finished XLA compilation of jit(_update)"
+    compiles = [r for r in caplog.records if done in r.message]
+    assert len(compiles) == 1, [r.message for r in compiles]
+
+
 def test_bf16_base_trains_float32_adapters():
     frozen, state = start()
     frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)

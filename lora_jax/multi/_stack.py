@@ -1,16 +1,15 @@
-"""Many adapters on one base: pad them to a shared rank, stack them for mixed batches.
+"""Many adapters on one base: stack them for mixed batches.
 
 Adapters with the same targets, layouts and ranks are values of one pytree structure, so one
 compiled `lora_apply` serves them all: swapping is a new argument, never a retrace.
-`pad_rank` brings a smaller adapter to a shared rank without changing what it computes;
 `stack_adapters` puts k adapters (each keeping its own scale) on one extra axis for
-`lora_apply_mixed`, and `unstack_adapter` / `replace_adapter` take one out or put one in.
+`lora_apply_mixed`, and `unstack_adapter` / `replace_adapter` take one out or put one in
+(adapters of other ranks join after `lora_jax.multi.pad_rank`, in ``_rank.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from collections.abc import Sequence
 from typing import Any, cast
@@ -18,92 +17,10 @@ from typing import Any, cast
 import jax.numpy as jnp
 
 from lora_jax.core._paths import nest
-from lora_jax.core._weights import LoraWeights, flatten_lora, kernel_shape
+from lora_jax.core._weights import LoraWeights, flatten_lora
 from lora_jax.multi._merge_many import weighted_adapters
 
-__all__ = ["pad_rank", "replace_adapter", "stack_adapters", "unstack_adapter"]
-
-
-def _pad_one(path: str, w: LoraWeights, rank: int, scale: float | None) -> LoraWeights:
-    if isinstance(w.scale, tuple):
-        raise TypeError(
-            f"{path}: `lora` stacks {len(w.scale)} adapters; pad each before "
-            f"lj.multi.stack_adapters (lj.multi.unstack_adapter takes one out)."
-        )
-    if rank < w.rank:
-        raise ValueError(
-            f"{path}: cannot pad to rank {rank}, the adapter already has rank {w.rank}. "
-            f"To lower a rank, use lj.multi.combine_adapters([lora], [1.0], "
-            f"combination_type='svd', rank={rank})."
-        )
-    shape = kernel_shape(w)
-    limit = w.layout.max_rank(shape)
-    if rank > limit:
-        raise ValueError(
-            f"{path}: cannot pad to rank {rank}: the kernel {shape} allows at most rank "
-            f"{limit} (the smaller of its flattened input and output sizes), as lj.split."
-        )
-    n_stack, extra = len(w.layout.stack_axes), rank - w.rank
-    pad_a = [(0, 0)] * (w.a.ndim - 1) + [(0, extra)]
-    pad_b = [(0, 0)] * w.b.ndim
-    pad_b[n_stack] = (0, extra)
-    new_scale = w.scale if scale is None else scale
-    factor = w.scale / new_scale
-    times = lambda x: x if x is None or factor == 1.0 else x * jnp.asarray(factor, x.dtype)
-    b, bias = times(w.b), times(w.bias)  # s·(x a) b and s·bias unchanged (DoRA's m is not scaled)
-    return dataclasses.replace(
-        w, a=jnp.pad(w.a, pad_a), b=jnp.pad(b, pad_b), scale=new_scale, bias=bias
-    )
-
-
-def pad_rank(lora: Any, rank: int, *, scale: float | None = None) -> dict[str, Any]:
-    """Every adapter padded with zeros to `rank`, computing what it computed before.
-
-    ``a`` gets zero columns and ``b`` zero rows, so ``a @ b`` is unchanged. Each adapter
-    keeps its scale and nothing is rounded: the original values are kept bit for bit, and
-    outputs and `lora_jax.merge` equal the original's (bit for bit where XLA sums the
-    longer rank axis in the same order, else to within that summation order). With
-    `scale`, every adapter gets that scale instead and ``b`` is multiplied by
-    ``old_scale / scale``: the same outputs up to rounding (``b`` is rounded once when the
-    factor is not a power of two). Adapters of ranks 4, 8 and 16 padded to 16 then share
-    one compiled `lora_apply`, and `stack_adapters` accepts them (stacking keeps each
-    adapter's scale, so `scale` is rarely needed).
-
-    Args:
-        lora: adapters (a tree of `LoraWeights`, not stacked).
-        rank: the new rank of every adapter, at least each one's current rank and at most
-            its kernel's largest rank.
-        scale: the scale the padded adapters carry; each keeps its own by default.
-
-    Returns:
-        A nested dict like `lora`, with ``a`` of shape ``(*stack, *in, rank)`` and ``b`` of
-        shape ``(*stack, rank, *out)``.
-
-    Raises:
-        ValueError: `rank` is below an adapter's current rank or above its kernel's largest
-            rank, or `scale` is zero (the path is named).
-        TypeError: `lora` holds stacked adapters or something other than `LoraWeights`,
-            `rank` is not an int, or `scale` is not a finite number.
-
-    Example:
-        >>> import jax, jax.numpy as jnp, lora_jax as lj
-        >>> params = {"params": {"fc": {"kernel": jnp.ones((8, 6))}}}
-        >>> config = lj.LoraConfig(rank=2, alpha=4.0, targets=".*/kernel")
-        >>> _, lora = lj.split(params, config, key=jax.random.key(0))
-        >>> w = lj.multi.pad_rank(lora, 4)["params"]["fc"]["kernel"]
-        >>> w.a.shape, w.scale
-        ((8, 4), 2.0)
-    """
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-        raise TypeError(f"`rank` must be an int; found {rank!r}.")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"`scale` must be a finite number or None; found {scale!r}.")
-        if not math.isfinite(scale) or scale == 0:
-            raise ValueError(f"`scale` must be finite and non-zero; found {scale!r}.")
-        scale = float(scale)
-    padded = {path: _pad_one(path, w, int(rank), scale) for path, w in flatten_lora(lora).items()}
-    return nest(padded)
+__all__ = ["replace_adapter", "stack_adapters", "unstack_adapter"]
 
 
 _HINTS = {

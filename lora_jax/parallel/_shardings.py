@@ -59,14 +59,18 @@ def _fsdp_spec(
     return PartitionSpec(*(axis if i == best else None for i in range(len(shape))))
 
 
-def _adapter_specs(spec: PartitionSpec, w: LoraWeights) -> tuple[PartitionSpec, PartitionSpec]:
-    """Moves a kernel's sharded axes onto a (stack, in, r) and b (stack, r, out)."""
+def _adapter_specs(spec: PartitionSpec, w: LoraWeights) -> tuple[PartitionSpec, ...]:
+    """Moves a kernel's sharded axes onto a (stack, in, r), b (stack, r, out) and a
+    per-output vector (stack, out); k stacked adapters keep their axis (after the stack
+    axes, `lora_jax.multi.stack_adapters`) whole."""
     full = tuple(spec) + (None,) * (w.layout.ndim - len(spec))
     lay = w.layout
     stack = tuple(full[i] for i in lay.stack_axes)
-    a = (*stack, *(full[i] for i in lay.in_axes), None)
-    b = (*stack, None, *(full[i] for i in lay.out_axes))
-    return PartitionSpec(*a), PartitionSpec(*b)
+    out = tuple(full[i] for i in lay.out_axes)
+    k = (None,) if isinstance(w.scale, tuple) else ()
+    a = (*stack, *k, *(full[i] for i in lay.in_axes), None)
+    b = (*stack, *k, None, *out)
+    return PartitionSpec(*a), PartitionSpec(*b), PartitionSpec(*stack, *out)
 
 
 def mesh_shardings(
@@ -125,9 +129,8 @@ def mesh_shardings(
     )
     lora_specs = {}
     for path, w in flatten_lora(lora).items():
-        a, b = _adapter_specs(spec_by_path.get(path, PartitionSpec()), w)
-        n = len(w.layout.stack_axes)
-        per_out = named(PartitionSpec(*b[:n], *b[n + 1 :]))  # magnitude, bias: b without r
+        a, b, out = _adapter_specs(spec_by_path.get(path, PartitionSpec()), w)
+        per_out = named(out)  # magnitude, bias: b without r
         lora_specs[path] = dataclasses.replace(
             w,
             a=named(a),

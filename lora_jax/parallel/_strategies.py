@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from lora_jax.core._packed import is_packed
 from lora_jax.core._paths import flatten
-from lora_jax.core._weights import check_fits, flatten_lora
+from lora_jax.core._weights import check_fits, flatten_lora, unstacked_shapes
 from lora_jax.parallel._placement import (
     DEVICE_AXIS,
     assemble_batch,
@@ -93,8 +93,21 @@ def _donated(donate: bool) -> tuple[int, ...]:
     return (0,) if donate else ()
 
 
+def _commit_like(state: Any, frozen: Any) -> Any:
+    """`state` committed to the device of the base (the first committed array of `frozen`),
+    else to the default device: the step's outputs are committed, so a first call on an
+    uncommitted state beside a committed base would compile the step a second time."""
+    arrays = (x for x in jax.tree.leaves(frozen) if isinstance(x, jax.Array))
+    committed = (x for x in arrays if x.committed and len(x.devices()) == 1)
+    device = next((next(iter(x.devices())) for x in committed), jax.devices()[0])
+    return jax.device_put(state, device)
+
+
 def jit() -> Strategy:
     """One device: `jax.jit`, the state, base and batch passed as they are.
+
+    ``place_state`` commits the state to the base's device (the default device when the
+    base is not committed to one), so the step compiles once: its outputs are committed.
 
     Returns:
         A `Strategy`.
@@ -123,7 +136,7 @@ def jit() -> Strategy:
     return Strategy(
         check=check,
         compile=compile,
-        place_state=lambda state, frozen: jax.device_put(state),
+        place_state=_commit_like,
         place_frozen=jax.device_put,
         place_batch=_same,
         gather=_same,
@@ -269,7 +282,11 @@ def mesh(
         cache: dict[Any, tuple[Any, MeshShardings, Callable[..., Any]]] = {}
 
         def build(state: Any, frozen: Any, batch: Any) -> Any:
-            check_fits(flatten(frozen), flatten_lora(state.lora), residuals=False)
+            adapters = flatten_lora(state.lora)
+            if any(isinstance(w.scale, tuple) for w in adapters.values()):
+                unstacked_shapes(flatten(frozen), state.lora)  # k stacked adapters
+            else:
+                check_fits(flatten(frozen), adapters, residuals=False)
             sh = shardings(frozen, state.lora)
             state_sh = state_shardings(state, sh)
             fn = jax.jit(

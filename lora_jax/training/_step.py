@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from lora_jax.core._packed import is_packed
 from lora_jax.core._paths import flatten
 from lora_jax.core._weights import LoraWeights, check_fits, flatten_lora, is_concrete
 from lora_jax.parallel._placement import check_divisible, signature
@@ -26,7 +27,7 @@ from lora_jax.training._state import TrainState
 __all__ = ["TrainState", "make_train_step"]
 
 
-def _check_loss_fn(loss_fn: Callable[..., Any]) -> None:
+def check_loss_fn(loss_fn: Callable[..., Any]) -> None:
     try:
         sig = inspect.signature(loss_fn)
     except (TypeError, ValueError):
@@ -40,7 +41,7 @@ def _check_loss_fn(loss_fn: Callable[..., Any]) -> None:
         ) from err
 
 
-def _check_strategy(strategy: Any) -> Strategy:
+def check_strategy(strategy: Any) -> Strategy:
     if strategy is None:
         return jit()
     if isinstance(strategy, Strategy):
@@ -83,9 +84,43 @@ def _loss_and_grads(loss_fn, frozen, lora, batch, key, accum_steps):
     return mean(losses), jax.tree.map(mean, auxs), jax.tree.map(lambda g: g / accum_steps, grads)
 
 
-def _update(state, frozen, batch, *, loss_fn, optimizer, accum_steps, skip_nonfinite, axis_name):
+def check_compute_dtype(compute_dtype: Any) -> jnp.dtype | None:
+    if compute_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(compute_dtype)
+    except TypeError as err:
+        raise TypeError(
+            f"`compute_dtype` must be a floating dtype such as jnp.bfloat16; found "
+            f"{compute_dtype!r}."
+        ) from err
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"`compute_dtype` must be a floating dtype such as jnp.bfloat16; found {dtype.name}."
+        )
+    return dtype
+
+
+def cast_frozen(frozen: Any, dtype: jnp.dtype | None) -> Any:
+    """`frozen` with its floating leaves of another dtype cast to `dtype` (the others as is);
+    a packed (quantized) kernel keeps its storage and scales and is unpacked to `dtype`."""
+    if dtype is None:
+        return frozen
+
+    def cast(x: Any) -> Any:
+        x_dtype = getattr(x, "dtype", None)
+        floating = x_dtype is not None and jnp.issubdtype(x_dtype, jnp.floating)
+        return x.astype(dtype) if floating and x_dtype != dtype else x
+
+    return jax.tree.map(cast, frozen, is_leaf=is_packed)
+
+
+def _update(
+    state, frozen, batch, *, loss_fn, optimizer, accum_steps, skip_nonfinite, axis_name, dtype
+):
     # Shape checks run while tracing: once per compile, before it, never on the hot path.
     check_fits(flatten(frozen), flatten_lora(state.lora))
+    frozen = cast_frozen(frozen, dtype)
     key = jax.random.fold_in(state.rng, state.step)
     if axis_name:
         key = jax.random.fold_in(key, lax.axis_index(axis_name))
@@ -107,12 +142,12 @@ def _update(state, frozen, batch, *, loss_fn, optimizer, accum_steps, skip_nonfi
     return new, metrics
 
 
-def _check_type(state: Any) -> None:
+def check_state_type(state: Any) -> None:
     if not isinstance(state, TrainState):
         raise TypeError(f"`state` must be a lj.TrainState; found {type(state).__name__}.")
 
 
-def _residual_check(gather: Callable[[Any], Any]) -> Callable[[Any, Any, Any], None]:
+def residual_check(gather: Callable[[Any], Any]) -> Callable[[Any, Any, Any], None]:
     """``check(state, frozen, batch)``: on the first call of each compiled signature, the
     PiSSA adapters (`LoraWeights.residual_norm`) are checked against the concrete base
     kernels (one copy, read with the strategy's `gather`), so the original weights given in
@@ -147,6 +182,7 @@ def make_train_step(
     accum_steps: int = 1,
     skip_nonfinite: bool = False,
     donate: bool = True,
+    compute_dtype: Any = None,
 ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, Any]]]:
     """Builds ``step(state, frozen, batch) -> (state, metrics)``, run by `strategy`.
 
@@ -163,6 +199,14 @@ def make_train_step(
     loss, averaged). With dropout, pmap folds the device index into each step's key, so
     its random masks differ from jit's and mesh's, which match each other.
 
+    Mixed precision: with ``compute_dtype`` (e.g. ``jnp.bfloat16``) the floating leaves of
+    ``frozen`` whose dtype differs are cast to it inside the compiled step, before `loss_fn`
+    sees them; a base already stored in that dtype is passed as is (no copy), so a base
+    stored and computed in bfloat16 is never copied to float32 by the step. The adapters,
+    their gradients and the optimizer state keep the adapters' dtype (float32 from
+    `lora_jax.split`), and the loss is float32. Non-floating leaves (quantized codes, keys)
+    are never cast.
+
     Args:
         loss_fn: ``loss_fn(frozen, lora, batch, key)`` returning a scalar loss or
             ``(loss, aux)``; it is differentiated with respect to ``lora`` only. The loss
@@ -174,6 +218,8 @@ def make_train_step(
             average their gradients (`lax.scan`), for the memory of one micro-batch.
         skip_nonfinite: skip an update whose loss or gradients are not finite, and count it.
         donate: donate the old state's buffers to the new one.
+        compute_dtype: a floating dtype the frozen base is cast to inside the step (see
+            Mixed precision above); None leaves it as given.
 
     Returns:
         The step function. It checks its inputs before any compile: a state that is not a
@@ -183,8 +229,9 @@ def make_train_step(
         (a ValueError when given the original weights instead of the residual base).
 
     Raises:
-        TypeError: `strategy` is not a `Strategy` (e.g. the string ``"pmap"``), or
-            `loss_fn` cannot be called as ``loss_fn(frozen, lora, batch, key)``.
+        TypeError: `strategy` is not a `Strategy` (e.g. the string ``"pmap"``),
+            `loss_fn` cannot be called as ``loss_fn(frozen, lora, batch, key)``, or
+            `compute_dtype` is not a floating dtype.
         ValueError: `accum_steps` < 1.
 
     Example:
@@ -212,10 +259,11 @@ def make_train_step(
         >>> int(pmap.gather(placed).step), pmap.metrics(metrics)["loss"].shape
         (2, ())
     """
-    _check_loss_fn(loss_fn)
-    strategy = _check_strategy(strategy)
+    check_loss_fn(loss_fn)
+    strategy = check_strategy(strategy)
     if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"`accum_steps` must be an int >= 1; found {accum_steps!r}.")
+    dtype = check_compute_dtype(compute_dtype)
     update = functools.partial(
         _update,
         loss_fn=loss_fn,
@@ -223,12 +271,13 @@ def make_train_step(
         accum_steps=accum_steps,
         skip_nonfinite=skip_nonfinite,
         axis_name=strategy.axis_name,
+        dtype=dtype,
     )
     compiled = strategy.compile(update, donate)
-    check_residuals = _residual_check(strategy.gather)
+    check_residuals = residual_check(strategy.gather)
 
     def step(state: TrainState, frozen: Any, batch: Any) -> tuple[TrainState, dict[str, Any]]:
-        _check_type(state)
+        check_state_type(state)
         strategy.check(state, frozen, batch, accum_steps)
         check_residuals(state, frozen, batch)
         return compiled(state, frozen, batch)
