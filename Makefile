@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint typecheck pytest notebooks clean
+.PHONY: demo test lint typecheck pytest notebooks clean bench-accel
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 
 demo: $(DEMO_STAMP)
 	$(BIN)/python -m train
+
+# The accelerator measurement (README, "On accelerators"; bounded to 8 minutes in all):
+# prints the table and writes bench-accel.json. ACCEL_JAX=cuda12 (or tpu) first installs
+# that build of the JAX version already in the venv (needs the network).
+ACCEL_JAX ?=
+bench-accel: $(DEMO_STAMP)
+	$(if $(ACCEL_JAX),$(BIN)/python -m pip install --quiet "jax[$(ACCEL_JAX)]==$$($(BIN)/python -c 'import jax; print(jax.__version__)')")
+	$(BIN)/python -m train.benchmark --part accelerator --json bench-accel.json
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff format --check .

@@ -349,7 +349,7 @@ EVERY = {"--config", "--debug", "--base", "--tokenizer", "--cache-dir", "--dtype
 EVERY |= {"--no-progress"}
 DATA = {"--data", "--eval-data", "--seq-len", "--batch-size", "--eval-batches"}
 TRAINING = {"--steps", "--seed", "--lr", "--warmup-steps", "--min-lr-ratio", "--weight-decay"}
-TRAINING |= {"--clip-norm", "--eval-every", "--log-every"}
+TRAINING |= {"--clip-norm", "--eval-every", "--log-every", "--remat", "--attention"}
 SAMPLING = {"--seed", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--merged"}
 FROM_RUN = {"--scan-layers", "--adapter"}
 FLAGS_OF = {
@@ -357,14 +357,14 @@ FLAGS_OF = {
     | DATA
     | TRAINING
     | SAMPLING
-    | {"--scan-layers", "--resume"}
+    | {"--scan-layers", "--resume", "--task"}
     | {"--accum-steps", "--save-every", "--keep", "--compare-full", "--full-lr"}
     | {"--rank", "--alpha", "--targets", "--dropout", "--rslora", "--dora", "--lora-bias"}
     | {"--strategy", "--devices", "--coordinator", "--num-processes", "--process-id"}
     | {"--quantize", "--quantize-group"},
     "pretrain": EVERY | DATA | TRAINING,
-    "eval": EVERY | DATA | FROM_RUN,
-    "sample": EVERY | SAMPLING | FROM_RUN,
+    "eval": EVERY | DATA | FROM_RUN | {"--attention"},
+    "sample": EVERY | SAMPLING | FROM_RUN | {"--attention"},
     "export": EVERY
     | FROM_RUN
     | {"--lora-out", "--merged-out", "--peft-out", "--gguf-out", "--gguf-type"},

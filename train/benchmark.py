@@ -34,6 +34,9 @@ Rows (targets on a CPU in brackets):
 - DoRA (`use_dora=True`, through the contraction rewrite, checked to route ``factored
   (dot_general, DoRA)``): DoRA all-linear step / LoRA all-linear step [<= 1.15; PEFT
   measures about +26% on GPU], and the peak memory of a DoRA run / a LoRA run beside it.
+- Many adapters in one step (`train.bench.multitask`): 8 all-linear rank-8 adapters mixed
+  in a batch of 8 (`lj.multi.make_train_step`, an optimizer state per adapter) / one
+  adapter (`lj.make_train_step`) on the same batch [<= 1.15].
 
 Usage::
 
@@ -43,20 +46,31 @@ Usage::
     python -m train.benchmark --part moe      # only the mixture-of-experts rows
     python -m train.benchmark --part qlora    # only the QLoRA rows (runs the demo twice)
     python -m train.benchmark --part dora     # only the DoRA rows
+    python -m train.benchmark --part multitask  # only the many-adapters training row
+    python -m train.benchmark --part accelerator  # bf16 Llama 1B/8B: tokens/s, MFU, memory
+
+`--part accelerator` (not part of `all`; `train.bench.accel_report`) runs Llama-3.2-1B-like (seq
+2048, batch 8) and Llama-3-8B-like (seq 2048, batch 4) presets in bf16, each variant (full
+fine-tuning where it fits, LoRA q/v, LoRA all-linear) in a fresh process, and prints step
+time, tokens/s, MFU, peak device memory and the LoRA/full ratios (`--accel-preset tiny`:
+a CPU smoke run; `--json PATH` writes the records; `--peak-tflops` sets the device's bf16
+peak when the table does not know it; `--steps` timed steps per variant).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 from typing import Any
 
 import jax
 
-from train.bench import files, processes, qlora
+from train.bench import accel_report, files, processes, qlora
 from train.bench.models import GPT, PRESETS, RANK, GPTConfig
 from train.bench.moe import EXPERTS, TOP_K, moe_runners
+from train.bench.multitask import MULTITASK_ADAPTERS, multitask_batch, multitask_runners
 from train.bench.serving import SERVING_ADAPTERS, serving_runners
 from train.bench.steps import (
     ALL_LINEAR,
@@ -75,7 +89,7 @@ from train.bench.steps import (
     paired_gap,
 )
 
-PARTS = ("train", "moe", "serving", "files", "memory", "scaling", "qlora", "dora")
+PARTS = ("train", "moe", "serving", "files", "memory", "scaling", "qlora", "dora", "multitask")
 TARGETS = {
     "lora q/v": 0.65,
     "lora all-linear": 0.75,
@@ -89,6 +103,7 @@ TARGETS = {
     "qlora step": 1.5,
     "qlora quality": 1.03,
     "dora step": 1.15,
+    "multitask step": 1.15,
 }
 
 
@@ -324,6 +339,20 @@ def dora_rows(runners: dict[str, Runner], mem: dict[str, dict[str, Any]]) -> lis
     ]
 
 
+def multitask_rows(runners: dict[str, Runner]) -> list[str]:
+    k = MULTITASK_ADAPTERS
+    return [
+        _ratio_row(
+            f"{k} adapters mixed in a batch of {k} (lj.multi.make_train_step) / one adapter "
+            f"(lj.make_train_step), same batch, all-linear rank {RANK}",
+            runners["mixed"],
+            runners["one"],
+            1,
+            "multitask step",
+        )
+    ]
+
+
 def scaling_rows(steps_per_s: dict[int, float]) -> list[str]:
     one = steps_per_s[1]
     return [
@@ -403,6 +432,19 @@ def _train_runners(model: GPT, variables: Any, ids: jax.Array, cfg: GPTConfig) -
     }
 
 
+def _accelerator(args: argparse.Namespace) -> str:
+    """`--part accelerator`: never starts a JAX backend here (the children own the device)."""
+    names = [n.strip() for n in args.accel_preset.split(",") if n.strip()]
+    print(f"benchmark: accelerator presets {names}, {args.steps} timed steps", flush=True)
+    result = accel_report.run(names, args.steps, args.peak_tflops)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    text = accel_report.report(result)
+    print("\n" + text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -410,9 +452,22 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="medium")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per variant")
     parser.add_argument(
-        "--part", choices=("all", *PARTS), default="all", help="one group of rows, or all"
+        "--part",
+        choices=("all", *PARTS, "accelerator"),
+        default="all",
+        help="one group of rows, or all (accelerator runs only when named)",
     )
+    parser.add_argument(
+        "--accel-preset",
+        default="1b,8b",
+        help="accelerator presets: 1b,8b or tiny (comma-separated)",
+    )
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device bf16 dense peak")
+    parser.add_argument("--json", default=None, help="accelerator part: write the records here")
+    parser.add_argument("--steps", type=int, default=5, help="accelerator part: timed steps")
     args = parser.parse_args(argv)
+    if args.part == "accelerator":
+        return _accelerator(args)
     parts = PARTS if args.part == "all" else (args.part,)
     cfg = PRESETS[args.preset]
     model = GPT(cfg)
@@ -468,6 +523,12 @@ def main(argv: list[str] | None = None) -> str:
         mem = processes.peak_memory(args.preset, variants=processes.DORA_MEMORY_VARIANTS)
         rows += dora_rows(d_runners, mem)
         details.append("DoRA training steps:\n\n" + qlora_step_table(d_runners, "LoRA"))
+    if "multitask" in parts:
+        m_runners = multitask_runners(model, variables, multitask_batch(cfg))
+        measure([m_runners["one"], m_runners["mixed"]], args.rounds)
+        rows += multitask_rows(m_runners)
+        table = qlora_step_table({"lora": m_runners["one"], "mixed": m_runners["mixed"]}, "one")
+        details.append("Many adapters in one step:\n\n" + table)
     head = (
         f"Model: {cfg.layers} layers, d_model {cfg.d_model}, {cfg.heads} heads, vocab "
         f"{cfg.vocab}, seq {cfg.seq}, batch {cfg.batch}, float32, adamw, rank {RANK}; "

@@ -26,10 +26,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from train.settings import (
+    ATTENTIONS,
     COMMANDS,
     DTYPES,
     GGUF_TYPES,
     QUANTIZE,
+    REMATS,
     STRATEGIES,
     Settings,
     UserError,
@@ -66,6 +68,7 @@ examples:
   python -m train export --run-dir runs/finetune --peft-out runs/peft   # PEFT loads it
   python -m train finetune --strategy mesh --devices 4   # 4 simulated CPU devices
   python -m train finetune --quantize nf4               # QLoRA: adapters on a 4-bit base
+  python -m train finetune --task code=stdlib --task prose=pydoc   # an adapter per task
 """
 
 # Which commands read a setting.
@@ -129,11 +132,20 @@ FLAGS = (
          "`stdlib` (Python code) / `pydoc` (English prose)", recorded=True),
     Flag("eval_data", DATA, "model and data", "held-out data; without it, the built-in held-out "
          "split, or every 20th window of --data", recorded=True),
+    Flag("task", FINETUNE, "model and data", "NAME=DATA: one task of a multi-task run (DATA "
+         "as --data takes it); repeat it: one adapter per task, trained together in one run "
+         "(every batch mixes the tasks), saved in <run-dir>/adapters/NAME/; not with --data"),
     Flag("seq_len", DATA, "model and data", "tokens per sequence", recorded=True),
     Flag("scan_layers", LOADING, "model and data",
          "run the layers as one nn.scan (faster compile)", recorded=True),
     Flag("dtype", ALL, "model and data", "weights and compute dtype", choices=DTYPES,
          recorded=True),
+    Flag("remat", TRAINING, "model and data", "recompute each decoder layer in the backward "
+         "pass: `dots` keeps the matmul outputs, `full` keeps nothing (less memory, more "
+         "compute; same math)", choices=REMATS),
+    Flag("attention", ("finetune", "pretrain", "eval", "sample"), "model and data",
+         "attention kernel: `auto` (cuDNN fused on a GPU in bfloat16, else XLA), `xla`, or "
+         "`cudnn` (same math)", choices=ATTENTIONS),
     Flag("run_dir", ALL, "run", "the finetune run to read; without it, the latest "
          "runs/finetune-*", show_default=False, per_command={
              "finetune": "folder for checkpoints, metrics.jsonl, loss.png, adapter/; without "
@@ -141,7 +153,10 @@ FLAGS = (
              "pretrain": "folder to save the base model in; without it, a new "
              "runs/pretrain-<time>"}),
     Flag("adapter", FROM_RUN, "run",
-         "adapter folder; without it, <run-dir>/adapter, else the run's latest checkpoint"),
+         "adapter folder; without it, <run-dir>/adapter, else the run's latest checkpoint",
+         per_command={"sample": "adapter folder, or NAME=DIR, repeated: a batch of prompts "
+                      "each with its own adapter (`base`: the plain base); without it, "
+                      "<run-dir>/adapter, else the run's latest checkpoint"}),
     Flag("resume", FINETUNE, "run", "continue the run in --run-dir from its latest checkpoint"),
     Flag("steps", TRAINING, "run", "training steps"),
     Flag("batch_size", DATA, "run", "global batch size (sequences per step)",
@@ -192,7 +207,9 @@ FLAGS = (
          "host:port of process 0 (multi-process runs)"),
     Flag("num_processes", FINETUNE, "devices and processes", "processes in the run"),
     Flag("process_id", FINETUNE, "devices and processes", "this process's index"),
-    Flag("prompt", SAMPLING, "sampling", "text to continue"),
+    Flag("prompt", SAMPLING, "sampling", "text to continue",
+         per_command={"sample": "text to continue; repeat it for a batch (one per --adapter, "
+                      "or one for every adapter)"}),
     Flag("max_new_tokens", SAMPLING, "sampling", "tokens to generate"),
     Flag("temperature", SAMPLING, "sampling", "0 is greedy"),
     Flag("top_k", SAMPLING, "sampling", "sample among the k most likely tokens"),
@@ -232,7 +249,7 @@ def _shown(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return ""
     if isinstance(value, tuple):
-        return " ".join(value)
+        return " ".join(_shown(v) for v in value)
     if isinstance(value, str) and value != value.strip():
         return repr(value)
     return str(value)
@@ -255,8 +272,8 @@ def _kind(flag: Flag, default: Any) -> dict[str, Any]:
     kind = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
     if kind is bool:
         return {"action": "store_false" if default else "store_true"}
-    if typing.get_origin(kind) is tuple:
-        return {"nargs": "+"}
+    if typing.get_origin(kind) is tuple:  # repeatable: `--data a b --data c` is a, b, c
+        return {"nargs": "+", "action": "extend"}
     if flag.choices:
         return {"type": kind, "choices": flag.choices}
     return {"type": kind, "metavar": flag.flags[0][2:].upper().replace("-", "_")}
@@ -365,6 +382,14 @@ def parse(argv: Sequence[str]) -> tuple[Settings, bool]:
     if command in FROM_RUN:  # the run's own base and data by default
         recorded = run_settings(str(flags.get("run_dir", file_values.get("run_dir"))))
     s = resolve(command, file_values, flags, recorded=recorded, reads=reads)
+    if s.task:
+        given = [f"--{n.replace('_', '-')}" for n in ("data", "eval_data") if n in flags]
+        given += [f"`{n}` (config file)" for n in ("data", "eval_data") if n in file_values]
+        if given:
+            raise UserError(
+                f"--task NAME=DATA names each task's data (each holds out its own eval "
+                f"split); drop {' and '.join(given)}."
+            )
     if command in FROM_RUN:
         check_run(s)
     return s, debug

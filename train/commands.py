@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
-from train import corpora
+from train import corpora, mixed_sampling, multitask
 from train.base import Base, builtin_folder, cast, load_base, save_base
 from train.evaluation import eval_loss, make_eval_fn
 from train.finetune import (
@@ -33,7 +33,7 @@ from train.finetune import (
 )
 from train.full import train_full
 from train.gguf_tokenizer import gguf_vocab_fields
-from train.models import PRESETS, Llama, init_cache
+from train.models import PRESETS, Llama, LlamaConfig, init_cache
 from train.models.export import export_merged
 from train.models.gguf_out import export_gguf
 from train.models.peft_map import module_map
@@ -57,13 +57,30 @@ def builtin_recipe() -> dict[str, Any]:
     """
     recipe = {k: v for k, v in COMMAND_DEFAULTS["pretrain"].items() if k != "run_dir"}
     recipe["data"] = list(recipe["data"])
-    return {"model": PRESETS["tiny"].to_dict(), "seed": 0, **recipe}
+    # Kernel choices change speed and memory, not the weights: not part of the recipe's hash.
+    model = {k: v for k, v in PRESETS["tiny"].to_dict().items() if k not in _KERNEL_FIELDS}
+    return {"model": model, "seed": 0, **recipe}
 
 
-def ensure_base(s: Settings, out: TextIO, *, quantize: bool = True) -> Base:
+_KERNEL_FIELDS = ("remat", "attention")
+
+
+def _with_kernels(
+    config: LlamaConfig, s: Settings, fields: tuple[str, ...] = _KERNEL_FIELDS
+) -> LlamaConfig:
+    """`config` with the run's `fields` of ``--remat`` / ``--attention`` (same math, other
+    kernels); a command passes those it offers (`train.cli.FLAGS`)."""
+    return dataclasses.replace(config, **{k: getattr(s, k) for k in fields})
+
+
+def ensure_base(
+    s: Settings, out: TextIO, *, quantize: bool = True, kernels: tuple[str, ...] = ()
+) -> Base:
     """Loads the run's base, pretraining and caching the built-in one the first time, and
-    quantizes it as ``--quantize`` asks (cached too), unless `quantize` is False."""
+    quantizes it as ``--quantize`` asks (cached too), unless `quantize` is False. `kernels`:
+    the settings of ``--remat`` / ``--attention`` the command reads, set on its config."""
     base = _float_base(s, out)
+    base = dataclasses.replace(base, config=_with_kernels(base.config, s, kernels))
     return quantize_base(s, base, out) if quantize else base
 
 
@@ -101,7 +118,7 @@ def pretrain(s: Settings, out: TextIO) -> dict[str, Any]:
         raise UserError(f"--seq-len {s.seq_len} exceeds the model's {config.max_seq_len}.")
     tok = corpora.tokenizer_for(s, default="byte")
     train_set, eval_set = corpora.load_splits(s, tok)
-    model = Llama(config)
+    model = Llama(_with_kernels(config, s))
     ids = jnp.zeros((1, s.seq_len), jnp.int32)
     variables = cast(model.init(jax.random.key(s.seed), ids), s.dtype)
     run_dir = pathlib.Path(s.run_dir).absolute()
@@ -110,7 +127,7 @@ def pretrain(s: Settings, out: TextIO) -> dict[str, Any]:
         staging, total=s.steps, start=0, progress=s.progress, desc="pretrain", stream=out
     ) as rep:
         result = train_full(
-            config,
+            _with_kernels(config, s),
             variables,
             corpora.batches(s, train_set),
             corpora.eval_sets(s, eval_set),
@@ -147,7 +164,12 @@ def pretrain(s: Settings, out: TextIO) -> dict[str, Any]:
 
 def _sample_shape(s: Settings, base: Base) -> tuple[jax.Array, int]:
     """The prompt's ids and the cache length; checked before any training starts."""
-    prompt = corpora.encode_prompt(base.tokenizer, s.prompt)
+    if len(s.prompt) > 1:
+        raise UserError(
+            f"{len(s.prompt)} --prompt texts: a run with one adapter samples one; several "
+            "go with a multi-task run (--task) or `sample --adapter NAME=DIR ...`."
+        )
+    prompt = corpora.encode_prompt(base.tokenizer, s.prompt[0])
     length = prompt.shape[1] + s.max_new_tokens
     if length > base.config.max_seq_len:
         raise UserError(
@@ -216,7 +238,14 @@ class _LoraForward:
 
 
 def _adapter_dir(s: Settings) -> pathlib.Path:
-    return pathlib.Path(s.adapter) if s.adapter else pathlib.Path(s.run_dir) / ADAPTER
+    if len(s.adapter) > 1:
+        raise UserError(
+            f"`{s.command}` reads one --adapter; found {len(s.adapter)}: "
+            f"{' '.join(s.adapter)} (`sample` takes several)."
+        )
+    if s.adapter:
+        return pathlib.Path(mixed_sampling.adapter_entry(s.adapter[0])[1] or s.adapter[0])
+    return pathlib.Path(s.run_dir) / ADAPTER
 
 
 def _load_adapter(s: Settings, base: Base) -> tuple[Any, Any]:
@@ -227,6 +256,12 @@ def _load_adapter(s: Settings, base: Base) -> tuple[Any, Any]:
     try:
         if (folder / lj.io.METADATA_FILE).exists():
             lora = lj.load_adapter(folder, frozen=base.variables, strict=True)
+        elif not s.adapter and (pathlib.Path(s.run_dir) / multitask.ADAPTERS).is_dir():
+            tasks = sorted(p.name for p in (pathlib.Path(s.run_dir) / multitask.ADAPTERS).iterdir())
+            raise UserError(
+                f"{s.run_dir} is a multi-task run (one adapter per task: {', '.join(tasks)}); "
+                f"pass --adapter {pathlib.Path(s.run_dir) / multitask.ADAPTERS}/NAME."
+            )
         elif not s.adapter and checkpoints.is_dir() and any(checkpoints.iterdir()):
             with lj.CheckpointManager(checkpoints, read_only=True) as mgr:
                 target = new_state(s, base)[1]
@@ -256,9 +291,11 @@ def _has_adapter(s: Settings) -> bool:
 
 def finetune(s: Settings, out: TextIO) -> dict[str, Any]:
     """``python -m train finetune`` (the default): LoRA on the base, then a report."""
+    if s.task:  # one adapter per task, trained together (train.multitask)
+        return multitask.finetune_tasks(s, out, ensure_base)
     t_start = time.perf_counter()
     strategy = make_strategy(s)
-    float_base = ensure_base(s, out, quantize=False)
+    float_base = ensure_base(s, out, quantize=False, kernels=_KERNEL_FIELDS)
     base = quantize_base(s, float_base, out)  # a bad --quantize-group fails now
     corpora.check_seq_len(s, base)
     _sample_shape(s, base)  # a bad sampling setting fails now, not after training
@@ -433,7 +470,7 @@ def _format_report(s: Settings, base: Base, r: dict[str, Any], run_dir: pathlib.
         f"Tokens/s          {speed}",
         f"Peak memory       {r['peak_rss_bytes'] / 2**20:,.0f} MiB (process RSS high-water mark)",
         f"Time              {r['seconds']:.0f} s in all, LoRA training {r['train_seconds']:.0f} s",
-        f"Sample            prompt {s.prompt!r}",
+        f"Sample            prompt {s.prompt[0]!r}",
         f"  base:    {r['samples']['base']!r}",
         f"  adapted: {r['samples'].get('adapted', '')!r}",
     ]
@@ -442,7 +479,7 @@ def _format_report(s: Settings, base: Base, r: dict[str, Any], run_dir: pathlib.
 
 def evaluate(s: Settings, out: TextIO) -> dict[str, Any]:
     """``python -m train eval``: eval loss of the base and, if there is one, the adapter."""
-    base = ensure_base(s, out)
+    base = ensure_base(s, out, kernels=("attention",))
     corpora.check_seq_len(s, base)
     _, eval_set = corpora.load_splits(s, base.tokenizer)
     evals = corpora.eval_sets(s, eval_set)
@@ -459,14 +496,18 @@ def evaluate(s: Settings, out: TextIO) -> dict[str, Any]:
     return result
 
 
-def sample(s: Settings, out: TextIO) -> dict[str, Any]:
-    """``python -m train sample``: continue ``--prompt`` with the base and the adapter."""
-    base = ensure_base(s, out)
+def sample(s: Settings, out: TextIO) -> dict[str, Any] | list[dict[str, str]]:
+    """``python -m train sample``: continue ``--prompt`` with the base and the adapter, or
+    (several ``--adapter NAME=DIR`` / ``--prompt``, or a multi-task run) a batch of prompts
+    each with its own adapter, side by side."""
+    if mixed_sampling.wants_mixed_sample(s):
+        return mixed_sampling.sample_mixed(s, ensure_base(s, out, kernels=("attention",)), out)
+    base = ensure_base(s, out, kernels=("attention",))
     frozen, lora = _load_adapter(s, base) if _has_adapter(s) else (None, None)
     samples = _sample_pair(s, base, frozen, lora)
     for name, text in samples.items():
         print(f"--- {name}{' (merged)' if name == 'adapted' and s.merged else ''}:", file=out)
-        print(s.prompt + text, file=out)
+        print(s.prompt[0] + text, file=out)
     return samples
 
 

@@ -29,6 +29,8 @@ __all__ = [
 COMMANDS = ("finetune", "pretrain", "eval", "sample", "export")
 STRATEGIES = ("jit", "pmap", "mesh")
 DTYPES = ("float32", "bfloat16")
+REMATS = ("none", "dots", "full")  # LlamaConfig.remat (train.models.config, which loads JAX)
+ATTENTIONS = ("auto", "xla", "cudnn")  # LlamaConfig.attention
 QUANTIZE = ("none", "int8", "int4", "nf4")
 GGUF_TYPES = ("f16", "q8_0")  # export --gguf-type (train.models.gguf_out)
 
@@ -64,9 +66,13 @@ class Settings:
     cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
     data: tuple[str, ...] = ("stdlib",)
     eval_data: tuple[str, ...] = ()
+    # Multi-task finetune: NAME=DATA per task, one adapter each (train.multitask).
+    task: tuple[str, ...] = ()
     seq_len: int = 128
     dtype: str = "float32"
     scan_layers: bool = False
+    remat: str = "none"
+    attention: str = "auto"
     # The run.
     run_dir: str = "runs/finetune"
     resume: bool = False
@@ -106,12 +112,12 @@ class Settings:
     num_processes: int = 1
     process_id: int = 0
     # Sampling.
-    prompt: str = "def "
+    prompt: tuple[str, ...] = ("def ",)
     max_new_tokens: int = 120
     temperature: float = 0.8
     top_k: int | None = 40
     merged: bool = False
-    adapter: str | None = None
+    adapter: tuple[str, ...] = ()
     # Export.
     out_adapter: str | None = None
     out_merged: str | None = None
@@ -173,6 +179,10 @@ def _check(s: Settings) -> None:
         raise bad("strategy", f"one of {', '.join(STRATEGIES)}")
     if s.dtype not in DTYPES:
         raise bad("dtype", f"one of {', '.join(DTYPES)}")
+    if s.remat not in REMATS:
+        raise bad("remat", f"one of {', '.join(REMATS)}")
+    if s.attention not in ATTENTIONS:
+        raise bad("attention", f"one of {', '.join(ATTENTIONS)}")
     if s.quantize not in QUANTIZE:
         raise bad("quantize", f"one of {', '.join(QUANTIZE)}")
     if s.gguf_type not in GGUF_TYPES:
@@ -193,6 +203,8 @@ def _check(s: Settings) -> None:
         raise bad("coordinator", "an address like 127.0.0.1:8476 when --num-processes > 1")
     if not s.data:
         raise bad("data", "at least one path, or `stdlib` / `pydoc`")
+    if not s.prompt:
+        raise bad("prompt", "at least one text to continue")
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -232,8 +244,12 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in raw.items()}
 
 
+# Settings that hold several values (a config file may give one string).
+_TUPLES = ("data", "eval_data", "task", "prompt", "adapter")
+
+
 def _coerce(name: str, value: Any, field: dataclasses.Field) -> Any:
-    if name in ("data", "eval_data"):
+    if name in _TUPLES:
         return tuple([value] if isinstance(value, str) else value)
     default = field.default if field.default is not dataclasses.MISSING else None
     if isinstance(default, bool) and not isinstance(value, bool):

@@ -9,10 +9,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FAMILIES", "LlamaConfig", "PRESETS", "ROPE_TYPES"]
+__all__ = ["ATTENTIONS", "FAMILIES", "LlamaConfig", "PRESETS", "REMATS", "ROPE_TYPES"]
 
 ROPE_TYPES = ("default", "llama3", "linear")
 FAMILIES = ("llama", "gemma3")
+ATTENTIONS = ("auto", "xla", "cudnn")
+REMATS = ("none", "dots", "full")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 RopeScaling = tuple[tuple[str, float | str], ...]
@@ -211,6 +213,13 @@ class LlamaConfig:
             layer axis) instead of ``layers_0`` ... ``layers_{n-1}``.
         dtype: compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
         param_dtype: dtype of freshly initialised parameters.
+        attention: the kernel of `jax.nn.dot_product_attention`: ``"auto"`` (cuDNN's fused
+            kernel on a GPU in bf16/f16 without a KV cache, XLA otherwise), ``"xla"``, or
+            ``"cudnn"`` (forced; JAX raises where it is unsupported). Calls with a KV cache
+            (an explicit mask) always run on XLA. Never changes the math.
+        remat: rematerialisation of each decoder layer in training: ``"none"``, ``"dots"``
+            (`nn.remat` saving only the matmul outputs without batch dimensions) or
+            ``"full"`` (save nothing: recompute the whole layer in the backward pass).
 
     Example:
         >>> from train.models import LlamaConfig
@@ -249,6 +258,8 @@ class LlamaConfig:
     scan_layers: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention: str = "auto"
+    remat: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
@@ -285,6 +296,11 @@ class LlamaConfig:
         _check_family(self)
         set_(self, "dtype", _float_dtype("dtype", self.dtype))
         set_(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))
+        for name, allowed in (("attention", ATTENTIONS), ("remat", REMATS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"LlamaConfig.{name} must be one of {allowed}; found {getattr(self, name)!r}."
+                )
 
     def is_sparse_layer(self, layer: int) -> bool:
         """Whether layer `layer` has the routed-experts MLP (HF Qwen3-MoE's rule).

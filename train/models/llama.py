@@ -1,6 +1,6 @@
 """`Llama`: a Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 3).
 
-The architecture is HuggingFace's ``LlamaForCausalLM`` with eager attention: RMSNorm in
+The architecture is HuggingFace's ``LlamaForCausalLM``: RMSNorm in
 float32, rotary embeddings in the ``rotate_half`` convention, grouped-query attention, a
 SwiGLU MLP and an untied or tied output head; Qwen3's per-head q/k RMSNorm (``qk_norm``) and
 Qwen3-MoE's routed experts (`train.models.moe.SparseMoe`) are options, and
@@ -11,6 +11,11 @@ projection is a plain `nn.Dense` and the embedding an `nn.Embed`, so `lora_jax` 
 their low-rank path factored (the experts' through `jax.lax.ragged_dot`). Parameter
 names follow HuggingFace (``layers_0/self_attn/q_proj/kernel`` is
 ``model.layers.0.self_attn.q_proj.weight`` transposed); `train.models.hf` maps them.
+
+Attention is `jax.nn.dot_product_attention` (softmax in float32): causal with a left window
+for sliding-window layers in training (cuDNN's fused kernel where `LlamaConfig.attention`
+picks it), an explicit boolean mask over the cache slots with a KV cache (XLA). Each decoder
+layer can be rematerialised (`LlamaConfig.remat`) in training.
 
 The static description lives in `train.models.config`; the KV cache is a plain pytree
 from `init_cache`.
@@ -103,16 +108,37 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def _attend(c: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array):
-    """Grouped-query attention, HF eager style: softmax in float32. q ``(b, s, h, d)``."""
+def _kernel(c: LlamaConfig) -> str:
+    """The `dot_product_attention` implementation of a call without a KV cache."""
+    if c.attention != "auto":
+        return c.attention
+    fused = jax.default_backend() == "gpu" and c.dtype in ("bfloat16", "float16")
+    return "cudnn" if fused else "xla"
+
+
+def _attend(c: LlamaConfig, q, k, v, window: int | None, mask: jax.Array | None) -> jax.Array:
+    """Grouped-query attention, q ``(b, s, h, d)``, k and v ``(b, t, kv_heads, d)`` (BTNH,
+    kv heads dividing h) -> ``(b, s, h * d)``. With `mask` ``(s, t)`` (a KV cache) it is the
+    mask, on XLA; without, causal within `window` (``0 <= q - k < window``) on `_kernel`'s
+    implementation, falling back to XLA when ``"auto"`` chose cuDNN and it refuses."""
     b, s, h, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, s, kv_heads, h // kv_heads, d)
-    scale = (c.query_pre_attn_scalar or d) ** -0.5
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k) * jnp.asarray(scale, q.dtype)
-    scores = jnp.where(mask, scores.astype(_F32), jnp.finfo(_F32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, h * d)
+    scale = float((c.query_pre_attn_scalar or d) ** -0.5)
+    attention = functools.partial(jax.nn.dot_product_attention, q, k, v, scale=scale)
+    if mask is not None:
+        out = attention(mask=mask[None, None], implementation="xla")
+        return out.reshape(b, s, h * d)
+    causal = functools.partial(
+        attention, is_causal=True, local_window_size=None if window is None else (window - 1, 0)
+    )
+    kernel = _kernel(c)
+    if kernel == "cudnn" and c.attention == "auto":
+        try:
+            out = causal(implementation="cudnn")
+        except Exception:  # shapes or dtypes cuDNN does not take: XLA computes the same
+            out = causal(implementation="xla")
+    else:
+        out = causal(implementation=kernel)
+    return out.reshape(b, s, h * d)
 
 
 def _dense(config: LlamaConfig, features: int, name: str, bias: bool = False) -> nn.Dense:
@@ -157,7 +183,7 @@ class _Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv, end):
+    def __call__(self, x, cos, sin, mask, kind, kv, end):
         c = self.config
         b, s, _ = x.shape
         hd, bias = typing.cast(int, c.head_dim), c.attention_bias
@@ -171,8 +197,22 @@ class _Attention(nn.Module):
             update = functools.partial(jax.lax.dynamic_update_slice, start_indices=(0, end, 0, 0))
             kv = (update(kv[0], k.astype(kv[0].dtype)), update(kv[1], v.astype(kv[1].dtype)))
             k, v = kv[0].astype(c.dtype), kv[1].astype(c.dtype)
-        out = _attend(c, q, k, v, mask)
+        if mask is not None:  # a KV cache: this layer kind's mask over the cache slots
+            out = _attend(c, q, k, v, None, mask[kind])
+        else:
+            out = _by_kind(c, kind, q, k, v)
         return _dense(c, c.hidden_size, "o_proj")(out), kv
+
+
+def _by_kind(c: LlamaConfig, kind: Any, q, k, v) -> jax.Array:
+    """Causal attention with the window of layer kind `kind`: static when `kind` is an int
+    or there is one kind; under scan with Gemma 3's two kinds a `lax.switch` between the two
+    static calls (`local_window_size` is static), so the fused kernel serves both."""
+    windows = [c.sliding_window if local else None for local in _layer_kinds(c)[0]]
+    if isinstance(kind, int) or len(windows) == 1:
+        return _attend(c, q, k, v, windows[kind if isinstance(kind, int) else 0], None)
+    branches = [functools.partial(_attend, c, window=w, mask=None) for w in windows]
+    return jax.lax.switch(kind, branches, q, k, v)
 
 
 class _Mlp(nn.Module):
@@ -191,9 +231,10 @@ class _Mlp(nn.Module):
 
 class _DecoderLayer(nn.Module):
     """Pre-norm block; scannable as ``(x, cos, sin, mask, kind, kv, end) -> (x, kv)``, where
-    `cos`, `sin` and `mask` are stacked per layer kind and `kind` (an int, traced under scan)
-    picks this layer's. `sparse`: the MLP is the routed experts (`SparseMoe`) instead of the
-    dense SwiGLU. Gemma 3 also norms the attention and MLP outputs (sandwich norms)."""
+    `cos`, `sin` and `mask` (None without a KV cache) are stacked per layer kind and `kind`
+    (an int, traced under scan) picks this layer's. `sparse`: the MLP is the routed experts
+    (`SparseMoe`) instead of the dense SwiGLU. Gemma 3 also norms the attention and MLP
+    outputs (sandwich norms)."""
 
     config: LlamaConfig
     sparse: bool = False
@@ -203,7 +244,7 @@ class _DecoderLayer(nn.Module):
         c = self.config
         norm = _norm(c)
         h, kv = _Attention(c, name="self_attn")(
-            norm(name="input_layernorm")(x), cos[kind], sin[kind], mask[kind], kv, end
+            norm(name="input_layernorm")(x), cos[kind], sin[kind], mask, kind, kv, end
         )
         mlp = SparseMoe(c, name="mlp") if self.sparse else _Mlp(c, name="mlp")
         if c.family == "gemma3":
@@ -269,7 +310,7 @@ class Llama(nn.Module):
         end = jnp.zeros((), jnp.int32) if cache is None else cache["end"]
         slots = end + jnp.arange(s, dtype=jnp.int32)
         positions = slots if positions is None else jnp.asarray(positions)
-        keys = slots if cache is None else jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
+        keys = None if cache is None else jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
         cos, sin, mask = _kind_tables(c, jnp.broadcast_to(positions, (b, s)), slots, keys)
         embed = nn.Embed(
             c.vocab_size, c.hidden_size, c.dtype, c.param_dtype, _INIT, name="embed_tokens"
@@ -293,23 +334,48 @@ def _layer_kinds(c: LlamaConfig) -> tuple[list[bool], list[int]]:
     return kinds, [kinds.index(x) for x in local]
 
 
-def _kind_tables(c: LlamaConfig, positions, slots, keys) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """cos, sin ``(kinds, batch, seq, 1, head_dim)`` and masks ``(kinds, seq, keys)``: one
-    entry per attention kind present (one for every model but Gemma 3's two)."""
+def _kind_tables(c: LlamaConfig, positions, slots, keys) -> tuple[jax.Array, jax.Array, Any]:
+    """cos, sin ``(kinds, batch, seq, 1, head_dim)`` and, with cache slots `keys`, masks
+    ``(kinds, seq, keys)`` (else None): one entry per attention kind present (one for every
+    model but Gemma 3's two)."""
     kinds, _ = _layer_kinds(c)
     ropes = [_rope(c, positions, local) for local in kinds]
-    masks = [_mask(slots, keys, c.sliding_window if local else None) for local in kinds]
     cos = jnp.stack([cos for cos, _ in ropes])
+    if keys is None:
+        return cos, jnp.stack([sin for _, sin in ropes]), None
+    masks = [_mask(slots, keys, c.sliding_window if local else None) for local in kinds]
     return cos, jnp.stack([sin for _, sin in ropes]), jnp.stack(masks)
+
+
+_POLICIES = {
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _layer_class(c: LlamaConfig, cached: bool) -> Any:
+    """`_DecoderLayer`, wrapped in `nn.remat` with `c.remat`'s policy when training (no
+    cache). ``"dots"`` saves the matmuls without batch dimensions (the projections and the
+    LoRA factors, not the attention scores, which are ``seq**2`` per head)."""
+    if c.remat == "none" or cached:
+        return _DecoderLayer
+    static = () if c.scan_layers else (5,)  # `kind` (self is 0) is a Python int unrolled
+    return nn.remat(
+        _DecoderLayer,
+        policy=_POLICIES[c.remat],
+        prevent_cse=not c.scan_layers,  # scan already keeps XLA from merging the recompute
+        static_argnums=static,
+    )
 
 
 def _decoder_stack(c: LlamaConfig, x, cos, sin, mask, cache, end) -> tuple[jax.Array, Any]:
     """The decoder layers (unrolled ``layers_{i}`` or one scanned ``layers``); call it inside
     a compact method. Returns ``(x, (k, v))``, the cache part None without a cache."""
     _, index = _layer_kinds(c)
+    layer_class = _layer_class(c, cache is not None)
     if c.scan_layers:
         stack = nn.scan(
-            _DecoderLayer,
+            layer_class,
             variable_axes={"params": 0},
             split_rngs={"params": True, lj.DROPOUT_RNG: True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
@@ -321,7 +387,7 @@ def _decoder_stack(c: LlamaConfig, x, cos, sin, mask, cache, end) -> tuple[jax.A
     new = []
     for i in range(c.num_layers):
         kv = None if cache is None else (cache["k"][i], cache["v"][i])
-        layer = _DecoderLayer(c, c.is_sparse_layer(i), name=f"layers_{i}")
+        layer = layer_class(c, c.is_sparse_layer(i), name=f"layers_{i}")
         x, kv = layer(x, cos, sin, mask, index[i], kv, end)
         new.append(kv)
     return x, None if cache is None else tuple(jnp.stack(t) for t in zip(*new, strict=True))
