@@ -140,6 +140,48 @@ def write_run_file(run_dir: pathlib.Path, s: Settings) -> None:
     (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def open_checkpoints(
+    run_dir: pathlib.Path,
+    s: Settings,
+    strategy: lj.parallel.Strategy,
+    state: Any,
+    frozen: Any,
+    check_resume: Any = None,
+) -> tuple[lj.CheckpointManager, Any, dict[str, Any] | None, int]:
+    """The run's checkpoint manager and where training starts: ``(mgr, state, None, 0)``
+    for a new run, or, under ``--resume``, the latest checkpoint restored in `state`'s
+    placement with the data position saved beside it and its step.
+
+    Args:
+        run_dir: the run folder.
+        s: the run settings (``keep``, ``save_every``, ``resume``).
+        strategy: where the step runs (the restored state is placed for it).
+        state: the fresh state (the restore target's structure).
+        frozen: the base (checked against the checkpoint's fingerprint).
+        check_resume: ``check_resume(run_dir, s)`` refuses changed settings on resume;
+            None: this module's check of a single-adapter run.
+
+    Raises:
+        UserError: the run folder holds checkpoints and ``--resume`` was not given.
+    """
+    mgr = lj.CheckpointManager(
+        run_dir / CHECKPOINTS, max_to_keep=s.keep, save_interval_steps=s.save_every
+    )
+    latest = mgr.latest_step()
+    if latest is not None and not s.resume:
+        mgr.close()
+        raise UserError(
+            f"{run_dir} already holds checkpoints (latest step {latest}). Pass --resume to "
+            "continue that run, or choose another --run-dir; nothing was changed."
+        )
+    if latest is None:
+        return mgr, state, None, 0
+    (check_resume or _check_resume)(run_dir, s)
+    target = restore_target(strategy, state, frozen)
+    state, position = mgr.restore(target, frozen=frozen, strict=True)
+    return mgr, state, position, int(state.step)
+
+
 def run_lora(
     s: Settings,
     base: Base,
@@ -176,23 +218,9 @@ def run_lora(
         shard_count=jax.process_count(),
     )
     main = jax.process_index() == 0
-    mgr = lj.CheckpointManager(
-        run_dir / CHECKPOINTS, max_to_keep=s.keep, save_interval_steps=s.save_every
-    )
-    start = 0
-    latest = mgr.latest_step()
-    if latest is not None and not s.resume:
-        mgr.close()
-        raise UserError(
-            f"{run_dir} already holds checkpoints (latest step {latest}). Pass --resume to "
-            "continue that run, or choose another --run-dir; nothing was changed."
-        )
-    if latest is not None:
-        _check_resume(run_dir, s)
-        target = restore_target(strategy, state, frozen)
-        state, position = mgr.restore(target, frozen=frozen, strict=True)
+    mgr, state, position, start = open_checkpoints(run_dir, s, strategy, state, frozen)
+    if position is not None:
         loader.set_state(position["loader"])
-        start = int(state.step)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_file(run_dir, s)

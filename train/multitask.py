@@ -30,11 +30,17 @@ from train import corpora
 from train.base import Base, layouts_of
 from train.data import Packed, make_loader
 from train.evaluation import eval_loss, make_eval_fn
-from train.finetune import CHECKPOINTS, RUN_FILE, lora_config, lora_logits_fn, write_run_file
+from train.finetune import (
+    RUN_FILE,
+    lora_config,
+    lora_logits_fn,
+    open_checkpoints,
+    write_run_file,
+)
 from train.losses import make_optimizer, schedule
 from train.mixed_sampling import ADAPTERS, BASE, NAME, Row, check_lengths, generate_rows
 from train.models import Llama
-from train.placement import make_strategy, restore_target
+from train.placement import make_strategy
 from train.report import PLOT_FILE, Reporter, plot_losses, read_metrics
 from train.settings import Settings, UserError
 
@@ -267,22 +273,11 @@ def run_tasks(
     model = Llama(base.config)
     frozen, state, optimizer = _new_state(s, base, k)
     batches = MixedBatches(data, shares(s.batch_size, k), s.seed)
-    mgr = lj.CheckpointManager(
-        run_dir / CHECKPOINTS, max_to_keep=s.keep, save_interval_steps=s.save_every
+    mgr, state, position, start = open_checkpoints(
+        run_dir, s, strategy, state, frozen, _check_resume
     )
-    start, latest = 0, mgr.latest_step()
-    if latest is not None and not s.resume:
-        mgr.close()
-        raise UserError(
-            f"{run_dir} already holds checkpoints (latest step {latest}). Pass --resume to "
-            "continue that run, or choose another --run-dir; nothing was changed."
-        )
-    if latest is not None:
-        _check_resume(run_dir, s)
-        target = restore_target(strategy, state, frozen)
-        state, position = mgr.restore(target, frozen=frozen, strict=True)
+    if position is not None:
         batches.set_state(position["loaders"])
-        start = int(state.step)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_file(run_dir, s)
     step_fn = lj.multi.make_train_step(

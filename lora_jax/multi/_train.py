@@ -32,6 +32,7 @@ from lora_jax.parallel._strategies import Strategy
 from lora_jax.training._state import TrainState
 from lora_jax.training._step import (
     cast_frozen,
+    check_accum_steps,
     check_compute_dtype,
     check_loss_fn,
     check_state_type,
@@ -270,8 +271,7 @@ def make_train_step(
     """
     check_loss_fn(loss_fn)
     strategy = check_strategy(strategy)
-    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
-        raise ValueError(f"`accum_steps` must be an int >= 1; found {accum_steps!r}.")
+    check_accum_steps(accum_steps)
     multipliers = _multipliers(lr_multipliers)
     update = functools.partial(
         _update,

@@ -41,6 +41,12 @@ def check_loss_fn(loss_fn: Callable[..., Any]) -> None:
         ) from err
 
 
+def check_accum_steps(accum_steps: Any) -> None:
+    """A ValueError unless `accum_steps` is an int >= 1."""
+    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"`accum_steps` must be an int >= 1; found {accum_steps!r}.")
+
+
 def check_strategy(strategy: Any) -> Strategy:
     if strategy is None:
         return jit()
@@ -261,8 +267,7 @@ def make_train_step(
     """
     check_loss_fn(loss_fn)
     strategy = check_strategy(strategy)
-    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
-        raise ValueError(f"`accum_steps` must be an int >= 1; found {accum_steps!r}.")
+    check_accum_steps(accum_steps)
     dtype = check_compute_dtype(compute_dtype)
     update = functools.partial(
         _update,
