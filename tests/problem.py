@@ -146,3 +146,39 @@ def to_numpy(tree):
         return np.asarray(x)
 
     return jax.tree.map(host, tree)
+
+
+# ---- the same task for k adapters trained together (lj.multi.make_train_step) ------------
+
+MIXED = lj.multi.lora_apply_mixed(MODEL.apply)
+ADAPTERS = 3
+
+
+def multi_loss_fn(frozen, stacked, batch, key):
+    """Per-example losses, each example through its own adapter."""
+    del key
+    pred = MIXED(frozen, stacked, batch["adapter_ids"], batch["x"])
+    return jnp.mean((pred.astype(jnp.float32) - batch["y"]) ** 2, axis=-1)
+
+
+def multi_start(seed: int = 2):
+    frozen, _ = lj.split(base(), CONFIG, key=jax.random.key(seed))
+    loras = [lj.split(base(), CONFIG, key=jax.random.key(seed + 10 * i))[1] for i in range(3)]
+    state = lj.multi.init_state(
+        lj.multi.stack_adapters(loras), optimizer(), key=jax.random.key(seed + 1)
+    )
+    return frozen, state
+
+
+def multi_batches(n: int) -> list[dict]:
+    """`batches(n)` with an adapter id per example: uneven shares, some -1, adapter 2
+    absent from the first step, and each adapter's examples unevenly split between the two
+    halves of a batch (the two processes' parts)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i, b in enumerate(batches(n)):
+        ids = rng.choice([-1, 0, 1, 2], size=BATCH, p=[0.1, 0.5, 0.25, 0.15])
+        if i == 0:
+            ids[ids == 2] = 1
+        out.append({**b, "adapter_ids": ids.astype(np.int32)})
+    return out
