@@ -48,6 +48,8 @@ def test_benchmark_smoke_prints_every_row():
         "QLoRA nf4 all-linear step / float LoRA all-linear step",
         "peak memory (process), QLoRA nf4 all-linear run / float LoRA all-linear run",
         "eval loss after the demo's fine-tune (tiny stand-in), nf4 base / float base",
+        "8 adapters mixed in a batch of 8 (lj.multi.make_train_step) / one adapter",
+        "DoRA all-linear step / LoRA all-linear step",
     ):
         assert re.search(rf"^\| {re.escape(row)}.*\| [+-]?[0-9.]+ \(?", table, re.M), row
     assert "| full fine-tune | " in table and "| 1.00 (1.00-1.00) |" in table
