@@ -30,3 +30,16 @@ def torch_logits(model: Any, ids: Any) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.from_numpy(np.asarray(ids))).logits.float().numpy()
+
+
+def require_interop() -> tuple[Any, Any]:
+    """torch and transformers, or the calling test module is skipped (the interop extra);
+    PyTorch on one thread and transformers' logging and progress bars quiet."""
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return torch, transformers

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
+from hf_models import require_interop
 
 import lora_jax as lj
 from train.cli import main
@@ -23,12 +24,7 @@ from train.models import Llama, LlamaConfig, from_pretrained, init_cache
 from train.sampling import generate
 from train.tokenizer import HFTokenizer
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-torch.set_num_threads(1)
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
+torch, transformers = require_interop()
 
 STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])
 TOKENIZER_TEXT = ("string.py", "glob.py", "keyword.py")  # what the tokenizer learns from

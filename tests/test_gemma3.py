@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import tokenizers
 from helpers import perturb
-from hf_models import random_model
+from hf_models import random_model, require_interop
 from test_sampling import Forward
 
 import lora_jax as lj
@@ -42,13 +42,8 @@ from train.models import (
 from train.models.peft_map import module_map
 from train.sampling import generate
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch, transformers = require_interop()
 peft = pytest.importorskip("peft")
-
-torch.set_num_threads(1)
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
 pytestmark = pytest.mark.filterwarnings(
     "ignore::UserWarning", "ignore::FutureWarning", "ignore::RuntimeWarning"
 )

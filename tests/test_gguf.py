@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
-from hf_models import random_model
+from hf_models import random_model, require_interop
 
 import lora_jax as lj
 from train.cli import main
@@ -34,12 +34,7 @@ from train.models.gguf_in import from_gguf
 from train.tokenizer import ByteTokenizer, HFTokenizer
 
 gguf = pytest.importorskip("gguf")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-torch.set_num_threads(1)
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
+torch, transformers = require_interop()
 
 Q = gguf.GGMLQuantizationType
 STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])

@@ -11,16 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_models import random_model
+from hf_models import random_model, require_interop
 
 from train.models import Llama, LlamaConfig, from_pretrained, save_pretrained
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-torch.set_num_threads(1)
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
+torch, transformers = require_interop()
 
 SIZES = dict(
     vocab_size=128,

@@ -16,21 +16,16 @@ import numpy as np
 import optax
 import pytest
 import safetensors
-from hf_models import random_model
+from hf_models import random_model, require_interop
 
 import lora_jax as lj
 from train.models import Llama, from_pretrained
 from train.models.export import export_merged
 from train.models.peft_map import module_map
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch, transformers = require_interop()
 peft = pytest.importorskip("peft")
 st = pytest.importorskip("safetensors.numpy")
-
-torch.set_num_threads(1)
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 SIZES = dict(

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import perturb
-from hf_models import random_model
+from hf_models import random_model, require_interop
 from test_cli_hf import train_tokenizer
 from test_sampling import Forward, greedy_without_cache
 
@@ -39,13 +39,8 @@ from train.models import (
 from train.models.peft_map import module_map
 from train.sampling import generate
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch, transformers = require_interop()
 peft = pytest.importorskip("peft")
-
-torch.set_num_threads(1)
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
 pytestmark = pytest.mark.filterwarnings(
     "ignore::UserWarning", "ignore::FutureWarning", "ignore::RuntimeWarning"
 )
